@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rwkvx_lightning.callbacks import AtomicCheckpointIO, TrainingMetrics
-from rwkvx_lightning.config import Config, check_resumable, to_yaml
+from rwkvx_data.format import read_manifest
+from rwkvx_lightning.config import Config, ConfigError, check_resumable, to_yaml
 from rwkvx_lightning.data import ShardDataModule
 from rwkvx_lightning.model import RWKVX
 from rwkvx_lightning.module import RWKVXModule
@@ -59,13 +60,26 @@ def last_checkpoint(run_dir: Path) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def check_data(cfg: Config) -> None:
+    """Fail before any work if the shard set is missing, empty, or uses ids the model cannot embed."""
+    if cfg.data.urls:
+        return
+    manifest = read_manifest(cfg.data.path)
+    if manifest.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of the shard set "
+                          f"{cfg.data.path!r} ({manifest.tokenizer}, {manifest.vocab_size} ids)")
+
+
 def train(cfg: Config, extra_callbacks: Optional[list] = None) -> L.Trainer:
     """Train per `cfg`; running it again with the same run.dir continues from its last checkpoint."""
+    check_data(cfg)
     run_dir = prepare_run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     accelerator = resolve_accelerator(cfg)
     if accelerator == "gpu":
         torch.set_float32_matmul_precision("high")
+    else:
+        torch.set_flush_denormal(True)  # subnormal floats in CPU kernels slowed steps by up to 10x
     t, d = cfg.trainer, cfg.data
     world = t.devices * t.num_nodes
     tokens_per_step = d.batch_size * d.ctx_len * t.accumulate_grad_batches * world
