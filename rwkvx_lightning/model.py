@@ -8,6 +8,7 @@ RWKV-7 blocks keep BlinkDL's state-dict names (`emb`, `blocks.{i}.att.*`, `block
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -106,8 +107,16 @@ def _ortho(shape, scale: float) -> torch.Tensor:
     return x
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
+def _triton_op(backend: str, x: torch.Tensor, module: str, name: str):
+    """The Triton op `module.name` if the backend asks for it (`auto`: on CUDA, when it exists), else None."""
+    if backend not in ("triton", "auto") or (backend == "auto" and not x.is_cuda):
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        if backend == "triton":
+            raise
+        return None  # auto: this op has no Triton kernel here; the PyTorch path is used
 
 
 class TimeMix(nn.Module):
@@ -189,9 +198,8 @@ class TimeMix(nn.Module):
 
     def _wkv(self, r, w, k, v, a, b, state):
         want_state = state is not None
-        if _use_triton(self.wkv_backend, r):
-            from rwkvx_kernels.wkv7 import wkv7  # imported lazily: Triton is optional on CPU machines
-
+        wkv7 = _triton_op(self.wkv_backend, r, "rwkvx_kernels.wkv7", "wkv7")
+        if wkv7 is not None:
             return wkv7(r, w, k, v, a, b, initial_state=state, output_final_state=want_state)
         if self.wkv_backend == "naive":
             return wkv7_naive(r, w, k, v, a, b, initial_state=state, output_final_state=want_state)
@@ -259,9 +267,8 @@ class SparseAttention(nn.Module):
         """x [B, T, C]; cu_seqlens: document offsets in the flattened [1, B*T] sequence."""
         B, T, C = x.shape
         q, k, v = (proj(x).view(1, B * T, self.n_head, self.head_size) for proj in (self.receptance, self.key, self.value))
-        if _use_triton(self.backend, x):
-            from rwkvx_kernels.sparse_attention import sparse_attention  # the Triton kernel, CUDA only
-
+        sparse_attention = _triton_op(self.backend, x, "rwkvx_kernels.sparse_attention", "sparse_attention")
+        if sparse_attention is not None:
             y = sparse_attention(q, k, v, self.chunk_size, self.topk, cu_seqlens=cu_seqlens)
         else:
             y = sparse_attention_naive(q, k, v, self.chunk_size, self.topk, cu_seqlens=cu_seqlens)

@@ -109,8 +109,8 @@ class RWKVXModule(L.LightningModule):
         groups = optimizer_groups(self.model, self.cfg)
         for g in groups:
             g["lr"] = o.lr * g["lr_scale"]
-        fused = torch.cuda.is_available() and self.cfg.trainer.accelerator != "cpu"
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **({"fused": True} if fused else {}))
+        # foreach, not fused: Lightning's mixed-precision gradient clipping refuses fused optimizers
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step * self.tokens_per_step, self.cfg, self.tokens_per_step)
         )

@@ -1,6 +1,79 @@
-"""RWKV-7 state recurrence: `naive` (token-by-token reference) and `torch_chunked` (fast on CPU)."""
+"""RWKV-7 state recurrence: `naive` (token-by-token reference), `torch_chunked` (fast on CPU),
+`fused_recurrent` (sequential Triton), `chunk` (chunked Triton, tensor cores), and the `wkv7`
+entry point that picks one of the Triton kernels.
+
+`wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False)` -> (y, final_state)
+Inputs [B, T, H, 64] (bf16/fp16/fp32), w = log decay (<= 0), state [B, H, 64, 64] fp32 (one per
+document with `cu_seqlens`, B == 1). Differentiable in every tensor input. Decoding one token:
+`wkv7_step` (plain PyTorch, [B, H, N] inputs).
+
+Backend choice: the `backend` argument (`chunk`, `fused_recurrent`, `naive`);
+default `chunk` on CUDA, `fused_recurrent` under the CPU interpreter. The Triton kernels
+need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before this package's kernels are
+first imported; otherwise (and for float64 inputs, head size != 64 or T == 0) `wkv7` falls back
+to `wkv7_naive` and warns once with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
 
 from .naive import wkv7_naive, wkv7_step
 from .torch_chunked import wkv7_torch_chunked
 
-__all__ = ["wkv7_naive", "wkv7_step", "wkv7_torch_chunked"]
+__all__ = ["wkv7", "wkv7_naive", "wkv7_step", "wkv7_torch_chunked", "last_backend"]
+
+_warned: set[str] = set()
+_last = {"backend": None}
+
+
+def last_backend():
+    """Which implementation the most recent `wkv7` call used (for tests and logging)."""
+    return _last["backend"]
+
+
+def _fallback_reason(r, cu_seqlens):
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({e})"
+    if r.dtype not in (_torch().bfloat16, _torch().float16, _torch().float32):
+        return f"dtype {r.dtype} (the Triton kernels compute in fp32 for bf16/fp16/fp32 inputs)"
+    if r.shape[-1] != 64:
+        return f"head size {r.shape[-1]} (the Triton kernels support 64 only)"
+    if r.shape[1] == 0:
+        return "empty sequence"
+    if not r.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"tensors on {r.device.type} and TRITON_INTERPRET != 1"
+    return None
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False, backend=None):
+    if backend != "naive":
+        reason = _fallback_reason(r, cu_seqlens)
+        if reason is not None:
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"rwkvx_kernels.wkv7: using the PyTorch reference (slow): {reason}", stacklevel=2)
+            backend = "naive"
+    if backend is None:
+        backend = "chunk" if r.is_cuda else "fused_recurrent"
+    _last["backend"] = backend
+    if backend == "naive":
+        return wkv7_naive(r, w, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                          output_final_state=output_final_state)
+    if backend == "chunk":
+        from .chunk import chunk_wkv7 as fn
+    elif backend == "fused_recurrent":
+        from .fused_recurrent import fused_recurrent_wkv7 as fn
+    else:
+        raise ValueError(f"unknown wkv7 backend {backend!r} (chunk, fused_recurrent, naive)")
+    return fn(r, w, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens,
+              output_final_state=output_final_state)

@@ -1,0 +1,289 @@
+"""Benchmark the RWKV-7 recurrence kernels against fla's `chunk_rwkv7` (CUDA only).
+
+    python -m rwkvx_kernels.benchmarks.bench_wkv7                 # the three target shapes
+    python -m rwkvx_kernels.benchmarks.bench_wkv7 --sweep         # also try launch configs of ours
+    python -m rwkvx_kernels.benchmarks.bench_wkv7 --shapes 2x1024x4 --no-recurrent
+    python -m rwkvx_kernels.benchmarks.bench_wkv7 --compile-only  # CPU only: compile all kernels for sm_90
+
+For every shape (B x T x H, head size 64, bf16 inputs drawn like the model's): fwd and fwd+bwd
+time (CUDA events, warmup, median of --iters) of ours (`chunk`, and the sequential
+`fused_recurrent` unless --no-recurrent) and of fla's `chunk_rwkv7` on identical inputs in the same
+process, plus the relative error (norm of difference / norm of reference) of y and of every input
+gradient against a float64 reference computed on a slice (first sequence, first --ref-T tokens,
+first --ref-H heads), so the reference stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import statistics
+
+import torch
+
+SHAPES = [(8, 4096, 64), (1, 65536, 16), (16, 4096, 12)]
+N = 64
+
+
+def make_inputs(B, T, H, dtype=torch.bfloat16, device="cuda", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rn():
+        return torch.randn(B, T, H, N, generator=g, device=device, dtype=torch.float32)
+
+    r, k, v = rn() * 0.5, rn() * 0.5, rn() * 0.5
+    w = -math.exp(-0.5) * torch.sigmoid(rn())
+    kk = torch.nn.functional.normalize(rn(), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(rn())
+    return [x.to(dtype).contiguous() for x in (r, w, k, v, a, b)]
+
+
+def fla_fn():
+    """fla's chunk_rwkv7 wrapped to our call convention (w = log decay), or None with the reason."""
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception as e:  # noqa: BLE001
+        return None, f"fla not importable: {e!r}"
+    params = inspect.signature(chunk_rwkv7).parameters
+
+    def call(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False):
+        kw = dict(r=r, k=k, v=v, a=a, b=b, scale=1.0, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        if "log_w" in params:  # versions where `w` is the raw decay and log_w = -exp(w)
+            kw["log_w"] = w
+        else:  # current fla: `w` is the log decay
+            kw["w"] = w
+        if "use_log_w" in params:
+            kw["use_log_w"] = True
+        out = chunk_rwkv7(**kw)
+        return out[0], out[1]
+
+    return call, None
+
+
+def ours(backend):
+    from rwkvx_kernels.wkv7 import wkv7
+
+    def call(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False):
+        return wkv7(r, w, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                    output_final_state=output_final_state, backend=backend)
+
+    return call
+
+
+def time_ms(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def bench_one(fn, xs, iters):
+    leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+    dy = torch.randn_like(xs[3])
+
+    def fwd():
+        with torch.no_grad():
+            fn(*leaves)
+
+    def fwd_bwd():
+        for x in leaves:
+            x.grad = None
+        y, _ = fn(*leaves)
+        y.backward(dy)
+
+    return time_ms(fwd, iters), time_ms(fwd_bwd, iters)
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def errors(fn, xs_slice, ref):
+    leaves = [x.detach().clone().requires_grad_(True) for x in xs_slice]
+    y, _ = fn(*leaves)
+    y.backward(ref["dy"].to(y.dtype))
+    errs = [rel(y, ref["y"])] + [rel(x.grad, g) for x, g in zip(leaves, ref["grads"])]
+    return max(errs[1:]), errs[0]
+
+
+def reference(xs_slice, seed=1):
+    from rwkvx_kernels.wkv7 import wkv7_naive
+
+    leaves = [x.detach().double().requires_grad_(True) for x in xs_slice]
+    y, _ = wkv7_naive(*leaves)
+    g = torch.Generator(device=y.device).manual_seed(seed)
+    # dy rounded to the input dtype, so the kernels under test see exactly this dy
+    dy = torch.randn(y.shape, generator=g, device=y.device, dtype=torch.float64).to(xs_slice[0].dtype).double()
+    y.backward(dy)
+    return {"y": y.detach(), "dy": dy, "grads": [x.grad for x in leaves]}
+
+
+def sweep(xs, iters):
+    from rwkvx_kernels.wkv7 import chunk
+
+    base = dict(chunk.CONFIG)
+    grid = {
+        "fuse_out": [False, True],
+        "state_dtype": ["fp32", "bf16"],
+        "group_chunks": [0, 16, 64, 256, 1024],
+        "state_bv": [16, 32, 64],
+        "state_warps": [2, 4, 8],
+        "chunk_warps": [2, 4, 8],
+        "grad_warps": [4, 8],
+        "dot_precision": ["tf32", "ieee"],
+    }
+    fn = ours("chunk")
+    print(f"    sweep (one knob at a time around {base}):")
+    for key, vals in grid.items():
+        for val in vals:
+            chunk.CONFIG.clear()
+            chunk.CONFIG.update(base)
+            chunk.CONFIG[key] = val
+            try:
+                f, fb = bench_one(fn, xs, iters)
+                print(f"      {key}={val!s:5}  fwd {f:8.3f} ms   fwd+bwd {fb:8.3f} ms")
+            except Exception as e:  # noqa: BLE001
+                print(f"      {key}={val!s:5}  failed: {e!r}")
+    chunk.CONFIG.clear()
+    chunk.CONFIG.update(base)
+
+
+def compile_only(arch=90):
+    """Compile every kernel variant for sm_<arch> without a GPU (catches what the CPU interpreter can't)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--compile-only needs TRITON_INTERPRET unset")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rwkvx_kernels.wkv7 import chunk as C
+    from rwkvx_kernels.wkv7 import fused_recurrent as F
+
+    target = GPUTarget("cuda", arch, 32)
+    failures = 0
+
+    def build(fn, types, consts, num_warps, name):
+        nonlocal failures
+        consts = dict(consts)
+        sig = {}
+        for a in fn.arg_names:  # unlisted pointers: bf16 inputs; None-valued: constexpr None
+            t = "constexpr" if a in consts else types.get(a, "*bf16")
+            if t is None:
+                t, consts[a] = "constexpr", None
+            sig[a] = t
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        try:
+            triton.compile(src, target=target, options={"num_warps": num_warps})
+            print(f"ok    {name}")
+        except Exception as e:  # noqa: BLE001
+            failures += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:1500]}")
+
+    f32, H, N = "*fp32", 16, 64
+    ints = {"T": "i32", "NT": "i32", "NG": "i32", "GC": "i32", "NH": "i32", "PART": "i64"}
+    for varlen in (False, True):
+        vl = dict.fromkeys(["cu_seqlens", "chunk_indices", "chunk_offsets", "group_offsets"], "*i32" if varlen else None)
+        vl["seg_offsets"] = "*i64" if varlen else None
+        base = {**ints, **vl, "Wbuf": f32, "Qbuf": f32, "h0": f32, "ht": f32, "gstates": f32, "Xbuf": f32,
+                "dht": f32, "dh0": f32, "gdstates": f32, "init": f32, "final": f32}
+        c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC="tf32")
+        build(C._prep_kernel, base, c, 4, f"prep varlen={varlen}")
+        for sd in ("fp32", "bf16"):
+            t = {**base, "states": f"*{sd}", "dstates": f"*{sd}"}
+            for aug, grouped, fuse in [(False, False, True), (False, False, False), (True, True, False), (False, True, True)]:
+                c = dict(H=H, N=N, BT=16, BV=32, USE_H0=True, STORE_HT=not grouped, STORE_STATES=not aug,
+                         FUSE_OUT=fuse, GROUPED=grouped, AUG=aug, IS_VARLEN=varlen, PREC="tf32")
+                build(C._fwd_state_kernel, t, c, 4, f"fwd_state aug={aug} grouped={grouped} fuse={fuse} {sd} varlen={varlen}")
+                c = dict(H=H, N=N, BT=16, BV=32, USE_DHT=True, STORE_DH0=not grouped, GROUPED=grouped, AUG=aug,
+                         IS_VARLEN=varlen, PREC="tf32")
+                build(C._bwd_state_kernel, t, c, 4, f"bwd_state aug={aug} grouped={grouped} {sd} varlen={varlen}")
+            c = dict(H=H, N=N, BT=16, IS_VARLEN=varlen, PREC="tf32")
+            build(C._fwd_out_kernel, t, c, 4, f"fwd_out {sd} varlen={varlen}")
+            c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC="tf32")
+            build(C._bwd_grads_kernel, t, c, 8, f"bwd_grads {sd} varlen={varlen}")
+        for rev in (False, True):
+            c = dict(H=H, N=N, BT=16, BV=32, USE_INIT=True, STORE_FINAL=True, REVERSE=rev, IS_VARLEN=varlen)
+            build(C._scan_kernel, base, c, 4, f"scan reverse={rev} varlen={varlen}")
+        t = {**base, "ckpt": f32, "scratch": f32, **dict.fromkeys(["dr", "dw", "dk", "da", "db"], f32)}
+        c = dict(H=H, N=N, BV=16, SEG=16, USE_H0=True, STORE_HT=True, IS_VARLEN=varlen)
+        build(F._wkv7_fwd_kernel, t, c, 2, f"fused_recurrent fwd varlen={varlen}")
+        c = dict(H=H, N=N, BV=16, SEG=16, USE_DHT=True, STORE_DH0=True, IS_VARLEN=varlen)
+        build(F._wkv7_bwd_kernel, t, c, 4, f"fused_recurrent bwd varlen={varlen}")
+    print(f"{failures} failures")
+    raise SystemExit(1 if failures else 0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", nargs="*", default=None, help="BxTxH, e.g. 8x4096x64")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--ref-T", type=int, default=1024)
+    p.add_argument("--ref-H", type=int, default=4)
+    p.add_argument("--no-recurrent", action="store_true", help="skip the sequential kernel")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--compile-only", action="store_true", help="compile all kernels for sm_90, no GPU needed")
+    args = p.parse_args(argv)
+    if args.compile_only:
+        compile_only()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_wkv7 needs a CUDA device")
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+
+    impls = {"chunk": ours("chunk")}
+    if not args.no_recurrent:
+        impls["fused_recurrent"] = ours("fused_recurrent")
+    fla, why = fla_fn()
+    if fla is None:
+        print(f"[fla skipped: {why}]")
+    else:
+        impls["fla"] = fla
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except Exception:  # noqa: BLE001
+        pass
+
+    print(f"{'shape (BxTxH)':>16} {'impl':>16} {'fwd ms':>9} {'fwd+bwd ms':>11} {'vs fla':>7} "
+          f"{'y err':>9} {'max grad err':>12}")
+    for B, T, H in shapes:
+        xs = make_inputs(B, T, H)
+        sl = [x[:1, : args.ref_T, : args.ref_H].contiguous() for x in xs]
+        ref = reference(sl)
+        results = {}
+        for name, fn in impls.items():
+            try:
+                f, fb = bench_one(fn, xs, args.iters)
+                gerr, yerr = errors(fn, sl, ref)
+                results[name] = (f, fb, yerr, gerr)
+            except Exception as e:  # noqa: BLE001
+                print(f"{B}x{T}x{H:>3} {name:>16}  failed: {e!r}")
+            torch.cuda.empty_cache()
+        fla_fb = results.get("fla", (None, None))[1]
+        for name, (f, fb, yerr, gerr) in results.items():
+            ratio = f"{fla_fb / fb:6.2f}x" if fla_fb else "   n/a"
+            print(f"{f'{B}x{T}x{H}':>16} {name:>16} {f:9.3f} {fb:11.3f} {ratio:>7} {yerr:9.2e} {gerr:12.2e}")
+        if args.sweep:
+            sweep(xs, args.iters)
+        del xs
+        torch.cuda.empty_cache()
+    print("'vs fla' = fla fwd+bwd time / this fwd+bwd time (>1: faster than fla). Errors vs float64 on "
+          f"[1, {args.ref_T}, {args.ref_H}, 64].")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,691 @@
+"""Chunked Triton kernels for the RWKV-7 recurrence (tensor cores), forward and backward.
+
+Per head, S is N x N (value x key), fp32:  S_t = S_{t-1} (D_t + a_t b_t^T) + v_t k_t^T,  y_t = S_t r_t,
+D_t = diag(exp(w_t)). Cut time into chunks of BT = 16 tokens. Inside a chunk (t, s = 1..BT), with
+G_t = w_1 + ... + w_t (cumulative log decay, per key), S_0 the state entering the chunk and
+u_t = S_{t-1} a_t (the "sa" vectors), unrolling the recurrence gives
+
+    S_t = S_0 diag(e^{G_t}) + sum_{s<=t} u_s (b_s e^{G_t-G_s})^T + v_s (k_s e^{G_t-G_s})^T.
+
+With  at_t = a_t e^{G_{t-1}},  rt_t = r_t e^{G_t},  bh_s = b_s e^{-G_s},  kh_s = k_s e^{-G_s}  (rows of
+[BT, K] tiles) and the BT x BT matrices  Aab = strict_lower(at bh^T), Aak = strict_lower(at kh^T),
+Arb = lower(rt bh^T), Ark = lower(rt kh^T):
+
+    U  = (I - Aab)^{-1} (at S_0^T + Aak V) = W S_0^T + Q V,     W = M at, Q = M Aak, M = (I - Aab)^{-1}
+    Y  = rt S_0^T + Arb U + Ark V
+    S_BT = S_0 diag(e^{G_BT}) + U^T (bh e^{G_BT}) + V^T (kh e^{G_BT})
+
+M is the UT/WY form of the product of the BT (D + a b^T) factors; (I - Aab) is unit lower
+triangular and is inverted by repeated squaring, (I + A)(I + A^2)(I + A^4)(I + A^8), in exact fp32.
+
+Numerics: e^{-G_s} grows like exp(0.6065 * 16) ~ 1.6e4 over a chunk when the decay sits at its
+model floor exp(w) = 0.545 (w = -exp(-0.5) sigmoid(.) >= -0.6065); all of that is well inside fp32
+range and every A entry is a product of factors, never a difference, so no precision is lost.
+The kernels rely on the bounded decay: with much smaller w (below about -5 per token) e^{-G}
+would overflow fp32. Everything is fp32; the matrix products use tf32 tensor cores for bf16/fp16
+inputs and exact fp32 for fp32 inputs (CONFIG["dot_precision"]); the inverse is always exact fp32.
+
+Kernels (grid):
+  forward   _prep (chunks x H)                W, Q per chunk -> HBM (fp32)
+            _fwd_state (V blocks x seqs*H [x groups], sequential over chunks): the state entering
+                every chunk -> HBM (fp32, or bf16 for bf16 inputs); optionally y too (fuse_out)
+            _fwd_out (chunks x H)             y
+  backward  _prep again (recomputed, not saved)
+            _bwd_state (V blocks x seqs*H [x groups], reverse over chunks): dL/dS at every chunk
+                end -> HBM, dh0
+            _bwd_grads (chunks x H)           dr, dw, dk, dv, da, db (recomputes M and U per chunk)
+  When sequences x heads are too few to fill the GPU (long single sequences), the sequential
+  passes become a two-level scan: groups of chunks are walked in parallel from state 0 and from
+  the identity (rows N..2N of an "augmented" state) to get each group's affine map S -> S P + X,
+  _scan_kernel walks the groups (S <- S P + X, a 64x64 product per group), and the per-chunk walk
+  restarts in parallel from every group's entering state.
+Saved for backward: the inputs and the per-chunk states [n_chunks, H, 64, 64] (fp32 for fp32 inputs,
+bf16 for bf16/fp16 inputs by default, as fla does); everything else is recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BT = 16  # chunk length
+# Launch parameters (the benchmark sweeps them). dot_precision: "tf32" or "ieee" (exact fp32, slower)
+# for the matrix products, "auto" = ieee for fp32 inputs and tf32 for bf16/fp16.
+CONFIG = {
+    "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
+    "state_bv": 32,  # value rows per program in the two sequential state passes
+    "state_warps": 4,
+    "chunk_warps": 4,
+    "grad_warps": 8,
+    "fuse_out": False,  # compute y inside the forward state pass (else a separate parallel kernel)
+    # per-chunk states kept for backward: "fp32", "bf16" (half the memory traffic, like fla), or
+    # "auto" = bf16 for bf16/fp16 inputs, fp32 for fp32 inputs
+    "state_dtype": "auto",
+    # The sequential passes over chunks can be split into groups of chunks (two-level scan: each
+    # group's affine map S -> S P + X in parallel, a short scan over groups, then the chunks again
+    # in parallel), which pays off when sequences x heads cannot fill the GPU. "auto" picks the
+    # group size (or none) from a simple cost model with `programs_per_sm` resident programs per
+    # SM; an int forces that many chunks per group (0: never split).
+    "group_chunks": "auto",
+    "programs_per_sm": 2,
+}
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first token of the chunk, end of its sequence) as int64 flat token indices."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        i_b = (i_c // NT).to(tl.int64)
+        i_t = (i_c % NT).to(tl.int64)
+        bos = i_b * T
+        eos = bos + T
+    return bos + i_t * BT, eos
+
+
+@triton.jit
+def _load_rows(ptr, t0, eos, i_h, cols, H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr):
+    """[BT, len(cols)] tile of a [*, H, N] tensor starting at token t0, rows past eos read as 0, in fp32."""
+    o_t = t0 + tl.arange(0, BT)
+    m = o_t < eos
+    return tl.load(ptr + (o_t[:, None] * H + i_h) * N + cols[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, val, t0, eos, i_h, cols, H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr):
+    o_t = t0 + tl.arange(0, BT)
+    m = o_t < eos
+    tl.store(ptr + (o_t[:, None] * H + i_h) * N + cols[None, :], val.to(ptr.dtype.element_ty), mask=m[:, None])
+
+
+@triton.jit
+def _inv_unit_lower(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
+    """(I - A)^{-1} for strictly lower-triangular A [BT, BT]: (I+A)(I+A^2)(I+A^4)... in exact fp32."""
+    o = tl.arange(0, BT)
+    M = (o[:, None] == o[None, :]).to(tl.float32) + A
+    P = A
+    for _ in tl.static_range(LOG2_BT - 1):
+        P = tl.dot(P, P, input_precision="ieee")
+        M = M + tl.dot(M, P, input_precision="ieee")
+    return M
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _prep_kernel(
+    w, k, a, b, Wbuf, Qbuf, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+    k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
+    a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
+    b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
+    G = tl.cumsum(w_c, axis=0)
+    at = a_c * tl.exp(G - w_c)
+    bh = b_c * tl.exp(-G)
+    kh = k_c * tl.exp(-G)
+    strict = o_t[:, None] > o_t[None, :]
+    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision="ieee"), 0.0)
+    Aak = tl.where(strict, tl.dot(at, tl.trans(kh), input_precision=PREC), 0.0)
+    M = _inv_unit_lower(Aab, BT, LOG2_BT)
+    Wm = tl.dot(M, at, input_precision=PREC)
+    Qm = tl.dot(M, Aak, input_precision=PREC)
+    base = i_c.to(tl.int64) * H + i_h
+    tl.store(Wbuf + base * BT * N + o_t[:, None] * N + o_k[None, :], Wm)
+    tl.store(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :], Qm)
+
+
+@triton.jit
+def _seq_bounds(i_n, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG,
+                IS_VARLEN: tl.constexpr, GROUPED: tl.constexpr):
+    """(first token, end token, first chunk, first group) of sequence i_n, int64."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+        if GROUPED:
+            g0 = tl.load(group_offsets + i_n).to(tl.int64)
+        else:
+            g0 = c0 * 0
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        c0 = i_n.to(tl.int64) * NT
+        g0 = i_n.to(tl.int64) * NG
+    return bos, eos, c0, g0
+
+
+@triton.jit
+def _fwd_state_kernel(
+    r, w, k, v, b, y, Wbuf, Qbuf, h0, ht, states, gstates, Xbuf,
+    cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, FUSE_OUT: tl.constexpr,
+    GROUPED: tl.constexpr, AUG: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """Walk the chunks of group i_g (all chunks when not GROUPED) carrying a [BV, N] block of rows of S.
+
+    AUG: rows 0..N-1 start at 0 and see the values, rows N..2N-1 start at the identity and see zero
+    values; at the end they hold X and P of the group's affine map S_end = S_start P + X (-> Xbuf).
+    Otherwise the walk starts from h0 (not GROUPED) or from the group's state gstates[g] and
+    stores each chunk's entering state (STORE_STATES) and the chunk's output rows (FUSE_OUT).
+    """
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_g = tl.program_id(2)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos, c0, g0 = _seq_bounds(i_n, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, IS_VARLEN, GROUPED)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    c_lo = i_g * GC
+    c_hi = tl.minimum(c_lo + GC, n_chunks)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    o_s = o_v[:, None] * N + o_k[None, :]
+    active = o_s < (n_chunks - c_lo) * (2 * N * N)  # [BV, N], all true iff this program has chunks to walk
+    vmask = o_v < N
+    lower = o_t[:, None] >= o_t[None, :]
+    gbase = (g0 + i_g) * H + i_h
+
+    if AUG:
+        S = ((o_v[:, None] - N) == o_k[None, :]).to(tl.float32)
+    elif GROUPED:
+        S = tl.load(gstates + gbase * N * N + o_s, mask=active, other=0.0)
+    elif USE_H0:
+        S = tl.load(h0 + i_nh.to(tl.int64) * N * N + o_s).to(tl.float32)
+    else:
+        S = tl.zeros([BV, N], dtype=tl.float32)
+    for c in range(c_lo, c_hi):
+        base = (c0 + c) * H + i_h
+        if STORE_STATES:
+            tl.store(states + base * N * N + o_s, S.to(states.dtype.element_ty))
+        t0 = bos + c * BT
+        rows = t0 + o_t
+        rmask = rows < eos
+        w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+        k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
+        b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
+        v_c = tl.load(v + (rows[:, None] * H + i_h) * N + o_v[None, :], mask=rmask[:, None] & vmask[None, :],
+                      other=0.0).to(tl.float32)
+        Wm = tl.load(Wbuf + base * BT * N + o_t[:, None] * N + o_k[None, :])
+        Qm = tl.load(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :])
+        G = tl.cumsum(w_c, axis=0)
+        gC = tl.sum(w_c, axis=0)
+        eGi = tl.exp(-G)
+        eGC = tl.exp(gC)
+        ST = tl.trans(S)
+        U = tl.dot(Wm, ST, input_precision=PREC) + tl.dot(Qm, v_c, input_precision=PREC)  # [BT, BV]
+        if FUSE_OUT:
+            rt = _load_rows(r, t0, eos, i_h, o_k, H, N, BT) * tl.exp(G)
+            Arb = tl.where(lower, tl.dot(rt, tl.trans(b_c * eGi), input_precision=PREC), 0.0)
+            Ark = tl.where(lower, tl.dot(rt, tl.trans(k_c * eGi), input_precision=PREC), 0.0)
+            Y = tl.dot(rt, ST, input_precision=PREC) + tl.dot(Arb, U, input_precision=PREC) \
+                + tl.dot(Ark, v_c, input_precision=PREC)
+            tl.store(y + (rows[:, None] * H + i_h) * N + o_v[None, :], Y.to(y.dtype.element_ty), mask=rmask[:, None])
+        e = eGi * eGC[None, :]
+        S = S * eGC[None, :] + tl.dot(tl.trans(U), b_c * e, input_precision=PREC) \
+            + tl.dot(tl.trans(v_c), k_c * e, input_precision=PREC)
+    if AUG:
+        tl.store(Xbuf + gbase * 2 * N * N + o_s, S, mask=active)
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * N * N + o_s, S)
+
+
+@triton.jit
+def _scan_kernel(
+    init, final, gstates, Xbuf, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    USE_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Sequential pass over groups: S <- S P_g + X_g, storing the state entering every group.
+
+    Forward: init = h0, final = ht, groups in order. Backward (REVERSE): init = dht, final = dh0,
+    the state is dL/dS and groups go last to first (the group maps are the transposed ones).
+    """
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos, c0, g0 = _seq_bounds(i_n, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, IS_VARLEN, True)
+    n_groups = tl.cdiv(tl.cdiv(eos - bos, BT), GC)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_k = tl.arange(0, N)
+    o_s = o_v[:, None] * N + o_k[None, :]
+    o_p = (N + o_k[:, None]) * N + o_k[None, :]
+    S = tl.zeros([BV, N], dtype=tl.float32)
+    if USE_INIT:
+        S = tl.load(init + i_nh.to(tl.int64) * N * N + o_s).to(tl.float32)
+    for gi in range(0, n_groups):
+        if REVERSE:
+            g = n_groups - 1 - gi
+        else:
+            g = gi
+        gbase = (g0 + g) * H + i_h
+        tl.store(gstates + gbase * N * N + o_s, S)
+        X = tl.load(Xbuf + gbase * 2 * N * N + o_s)
+        P = tl.load(Xbuf + gbase * 2 * N * N + o_p)
+        S = tl.dot(S, P, input_precision="ieee") + X
+    if STORE_FINAL:
+        tl.store(final + i_nh.to(tl.int64) * N * N + o_s, S)
+
+
+@triton.jit
+def _fwd_out_kernel(
+    r, w, k, v, b, y, Wbuf, Qbuf, states, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    r_c = _load_rows(r, t0, eos, i_h, o_k, H, N, BT)
+    w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+    k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
+    b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
+    v_c = _load_rows(v, t0, eos, i_h, o_k, H, N, BT)
+    base = i_c.to(tl.int64) * H + i_h
+    S0 = tl.load(states + base * N * N + o_k[:, None] * N + o_k[None, :]).to(tl.float32)
+    Wm = tl.load(Wbuf + base * BT * N + o_t[:, None] * N + o_k[None, :])
+    Qm = tl.load(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :])
+    G = tl.cumsum(w_c, axis=0)
+    rt = r_c * tl.exp(G)
+    eGi = tl.exp(-G)
+    lower = o_t[:, None] >= o_t[None, :]
+    Arb = tl.where(lower, tl.dot(rt, tl.trans(b_c * eGi), input_precision=PREC), 0.0)
+    Ark = tl.where(lower, tl.dot(rt, tl.trans(k_c * eGi), input_precision=PREC), 0.0)
+    S0T = tl.trans(S0)
+    U = tl.dot(Wm, S0T, input_precision=PREC) + tl.dot(Qm, v_c, input_precision=PREC)
+    Y = tl.dot(rt, S0T, input_precision=PREC) + tl.dot(Arb, U, input_precision=PREC) + tl.dot(Ark, v_c, input_precision=PREC)
+    _store_rows(y, Y, t0, eos, i_h, o_k, H, N, BT)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_state_kernel(
+    r, w, b, dy, Wbuf, dht, dh0, dstates, gdstates, Xbuf,
+    cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, GROUPED: tl.constexpr, AUG: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """Reverse walk over the chunks of group i_g: dstates[chunk] = dL/dS at the chunk's end (from the
+    future); per chunk  dS_0 = dS_end (diag(e^{gC}) + bb^T W) + (Arb^T dY)^T W + dY^T rt.
+    AUG / GROUPED as in _fwd_state_kernel (here the group map is dS_start = dS_end P + X)."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_g = tl.program_id(2)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos, c0, g0 = _seq_bounds(i_n, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, IS_VARLEN, GROUPED)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    c_lo = i_g * GC
+    c_hi = tl.minimum(c_lo + GC, n_chunks)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    o_s = o_v[:, None] * N + o_k[None, :]
+    active = o_s < (n_chunks - c_lo) * (2 * N * N)  # [BV, N], all true iff this program has chunks to walk
+    vmask = o_v < N
+    lower = o_t[:, None] >= o_t[None, :]
+    gbase = (g0 + i_g) * H + i_h
+
+    if AUG:
+        dS = ((o_v[:, None] - N) == o_k[None, :]).to(tl.float32)
+    elif GROUPED:
+        dS = tl.load(gdstates + gbase * N * N + o_s, mask=active, other=0.0)
+    elif USE_DHT:
+        dS = tl.load(dht + i_nh.to(tl.int64) * N * N + o_s).to(tl.float32)
+    else:
+        dS = tl.zeros([BV, N], dtype=tl.float32)
+    for ci in range(0, c_hi - c_lo):
+        c = c_hi - 1 - ci
+        base = (c0 + c) * H + i_h
+        if not AUG:
+            tl.store(dstates + base * N * N + o_s, dS.to(dstates.dtype.element_ty))
+        t0 = bos + c * BT
+        rows = t0 + o_t
+        rmask = rows < eos
+        r_c = _load_rows(r, t0, eos, i_h, o_k, H, N, BT)
+        w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+        b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
+        dy_c = tl.load(dy + (rows[:, None] * H + i_h) * N + o_v[None, :], mask=rmask[:, None] & vmask[None, :],
+                       other=0.0).to(tl.float32)
+        Wm = tl.load(Wbuf + base * BT * N + o_t[:, None] * N + o_k[None, :])
+        G = tl.cumsum(w_c, axis=0)
+        gC = tl.sum(w_c, axis=0)
+        eGC = tl.exp(gC)
+        rt = r_c * tl.exp(G)
+        bh = b_c * tl.exp(-G)
+        Arb = tl.where(lower, tl.dot(rt, tl.trans(bh), input_precision=PREC), 0.0)
+        dU = tl.dot(tl.trans(Arb), dy_c, input_precision=PREC) \
+            + tl.dot(bh * eGC[None, :], tl.trans(dS), input_precision=PREC)
+        dS = dS * eGC[None, :] + tl.dot(tl.trans(dy_c), rt, input_precision=PREC) \
+            + tl.dot(tl.trans(dU), Wm, input_precision=PREC)
+    if AUG:
+        tl.store(Xbuf + gbase * 2 * N * N + o_s, dS, mask=active)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * N * N + o_s, dS)
+
+
+@triton.jit
+def _bwd_grads_kernel(
+    r, w, k, v, a, b, dy, states, dstates,
+    dr, dw, dk, dv, da, db,
+    cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    r_c = _load_rows(r, t0, eos, i_h, o_k, H, N, BT)
+    w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+    k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
+    a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
+    b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
+    v_c = _load_rows(v, t0, eos, i_h, o_k, H, N, BT)
+    dy_c = _load_rows(dy, t0, eos, i_h, o_k, H, N, BT)
+    base = i_c.to(tl.int64) * H + i_h
+    o_s = o_k[:, None] * N + o_k[None, :]
+
+    # recompute the chunk's forward quantities
+    G = tl.cumsum(w_c, axis=0)
+    gC = tl.sum(w_c, axis=0)
+    eGC = tl.exp(gC)
+    eG = tl.exp(G)
+    eGi = tl.exp(-G)
+    at = a_c * tl.exp(G - w_c)
+    rt = r_c * eG
+    bh = b_c * eGi
+    kh = k_c * eGi
+    bb = bh * eGC[None, :]
+    kb = kh * eGC[None, :]
+    strict = o_t[:, None] > o_t[None, :]
+    lower = o_t[:, None] >= o_t[None, :]
+    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision="ieee"), 0.0)
+    Aak = tl.where(strict, tl.dot(at, tl.trans(kh), input_precision=PREC), 0.0)
+    Arb = tl.where(lower, tl.dot(rt, tl.trans(bh), input_precision=PREC), 0.0)
+    Ark = tl.where(lower, tl.dot(rt, tl.trans(kh), input_precision=PREC), 0.0)
+    M = _inv_unit_lower(Aab, BT, LOG2_BT)
+    Wm = tl.dot(M, at, input_precision=PREC)
+    Qm = tl.dot(M, Aak, input_precision=PREC)
+    # the two [N, N] tiles are loaded late and used up early (register pressure)
+    S0 = tl.load(states + base * N * N + o_s).to(tl.float32)
+    dS = tl.load(dstates + base * N * N + o_s).to(tl.float32)
+    dgC_state = tl.sum(dS * S0, axis=0) * eGC
+    U = tl.dot(Wm, tl.trans(S0), input_precision=PREC) + tl.dot(Qm, v_c, input_precision=PREC)  # [BT, V]
+
+    # back through Y = rt S0^T + Arb U + Ark V and S_end = S0 e^{gC} + U^T bb + V^T kb, and through
+    # U = W S0^T + Q V (every product with S0 or dS first, so that they die early)
+    dU = tl.dot(tl.trans(Arb), dy_c, input_precision=PREC) + tl.dot(bb, tl.trans(dS), input_precision=PREC)
+    dW = tl.dot(dU, S0, input_precision=PREC)
+    drt = tl.dot(dy_c, S0, input_precision=PREC)
+    dbb = tl.dot(U, dS, input_precision=PREC)
+    dkb = tl.dot(v_c, dS, input_precision=PREC)
+    dv_c = tl.dot(tl.trans(Ark), dy_c, input_precision=PREC) + tl.dot(kb, tl.trans(dS), input_precision=PREC) \
+        + tl.dot(tl.trans(Qm), dU, input_precision=PREC)
+    _store_rows(dv, dv_c, t0, eos, i_h, o_k, H, N, BT)
+    dArb = tl.where(lower, tl.dot(dy_c, tl.trans(U), input_precision=PREC), 0.0)
+    dArk = tl.where(lower, tl.dot(dy_c, tl.trans(v_c), input_precision=PREC), 0.0)
+    drt += tl.dot(dArb, bh, input_precision=PREC) + tl.dot(dArk, kh, input_precision=PREC)
+    _store_rows(dr, drt * eG, t0, eos, i_h, o_k, H, N, BT)
+    # back through W = M at, Q = M Aak, M = (I - Aab)^{-1}
+    dQ = tl.where(strict, tl.dot(dU, tl.trans(v_c), input_precision=PREC), 0.0)
+    MT = tl.trans(M)
+    dM = tl.dot(dW, tl.trans(at), input_precision=PREC) + tl.dot(dQ, tl.trans(Aak), input_precision=PREC)
+    dAak = tl.where(strict, tl.dot(MT, dQ, input_precision=PREC), 0.0)
+    dAab = tl.where(strict, tl.dot(tl.dot(MT, dM, input_precision=PREC), MT, input_precision=PREC), 0.0)
+    dat = tl.dot(MT, dW, input_precision=PREC) + tl.dot(dAab, bh, input_precision=PREC) + tl.dot(dAak, kh, input_precision=PREC)
+    dbh = tl.dot(tl.trans(dAab), at, input_precision=PREC) + tl.dot(tl.trans(dArb), rt, input_precision=PREC)
+    dkh = tl.dot(tl.trans(dAak), at, input_precision=PREC) + tl.dot(tl.trans(dArk), rt, input_precision=PREC)
+
+    # back to the raw inputs; G enters through every e^{+-G} factor
+    datat = dat * at
+    dG = drt * rt - dbh * bh - dkh * kh - dbb * bb - dkb * kb + datat
+    dgC = tl.sum(dbb * bb + dkb * kb, axis=0) + dgC_state
+    dw_c = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG - datat + dgC[None, :]
+    _store_rows(dw, dw_c, t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(dk, (dkh + dkb * eGC[None, :]) * eGi, t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(da, dat * tl.exp(G - w_c), t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(db, (dbh + dbb * eGC[None, :]) * eGi, t0, eos, i_h, o_k, H, N, BT)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _pick_group(progs, max_chunks, slots):
+    """Chunks per group minimising a wave-count model of the sequential passes (0: no grouping).
+
+    Plain: ceil(progs / slots) waves of max_chunks steps. Grouped with G chunks per group and
+    NG = ceil(max_chunks / G): the augmented pass (2x the rows) over NG groups, a scan of NG steps,
+    then the recompute pass over NG groups, each in waves of G steps.
+    """
+    def waves(p):
+        return -(-p // slots)
+
+    best, best_cost = 0, float("inf")
+    g = 2
+    while g < max_chunks:
+        ng = -(-max_chunks // g)
+        cost = waves(2 * progs * ng) * g + ng + waves(progs * ng) * g
+        if cost <= best_cost:  # ties: the larger group (fewer group states in memory)
+            best, best_cost = g, cost
+        g *= 2
+    return best if best_cost < 0.8 * waves(progs) * max_chunks else 0
+
+
+class _Plan:
+    """Chunk / group bookkeeping for one call (fixed-length batch or packed documents)."""
+
+    def __init__(self, B, T, H, N, cu_seqlens, device):
+        self.T, self.H, self.N = T, H, N
+        self.cu = cu_seqlens
+        self.is_varlen = cu_seqlens is not None
+        if cu_seqlens is None:
+            self.NS, self.NT = B, triton.cdiv(T, BT)
+            n = torch.full((B,), self.NT, dtype=torch.int64)
+            self.indices = self.chunk_offsets = None
+        else:
+            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
+            n = (lens + BT - 1) // BT
+            self.NS, self.NT = len(n), 0
+            offsets = torch.zeros(len(n) + 1, dtype=torch.int64)
+            offsets[1:] = torch.cumsum(n, 0)
+            seq = torch.repeat_interleave(torch.arange(len(n)), n)
+            idx = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(n)
+            self.indices = torch.stack([seq, idx], 1).to(device=device, dtype=torch.int32).contiguous()
+            self.chunk_offsets = offsets.to(device=device, dtype=torch.int32)
+        self.total = int(n.sum())
+        max_chunks = int(n.max()) if len(n) else 0
+        self.bv = CONFIG["state_bv"]
+        # Two-level scan for the sequential passes when (sequences x heads) cannot fill the GPU.
+        gc = CONFIG["group_chunks"]
+        if gc == "auto":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+            gc = _pick_group(self.NS * H * (N // self.bv), max_chunks, CONFIG["programs_per_sm"] * sms)
+        gc = int(gc)
+        self.grouped = 0 < gc < max_chunks
+        if self.grouped:
+            ng = (n + gc - 1) // gc
+            self.GC, self.NG, self.max_groups = gc, (self.NT + gc - 1) // gc, int(ng.max())
+            self.total_groups = int(ng.sum())
+            if self.is_varlen:
+                go = torch.zeros(len(ng) + 1, dtype=torch.int64)
+                go[1:] = torch.cumsum(ng, 0)
+                self.group_offsets = go.to(device=device, dtype=torch.int32)
+            else:
+                self.group_offsets = None
+        else:
+            self.GC, self.NG, self.max_groups, self.total_groups = max(max_chunks, 1), 1, 1, 0
+            self.group_offsets = None
+
+    def seq_args(self):
+        return (self.cu, self.chunk_offsets, self.group_offsets, self.T, self.NT, self.NG, self.GC)
+
+
+def _prep(w, k, a, b, plan):
+    H, N = plan.H, plan.N
+    Wbuf = torch.empty(max(plan.total, 1), H, BT, N, dtype=torch.float32, device=w.device)
+    Qbuf = torch.empty(max(plan.total, 1), H, BT, BT, dtype=torch.float32, device=w.device)
+    if plan.total:
+        _prep_kernel[(plan.total, H)](
+            w, k, a, b, Wbuf, Qbuf, plan.cu, plan.indices, plan.T, plan.NT,
+            H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen,
+            PREC=_prec(w), num_warps=CONFIG["chunk_warps"],
+        )
+    return Wbuf, Qbuf
+
+
+def _prec(x):
+    p = CONFIG["dot_precision"]
+    if p == "auto":
+        return "ieee" if x.dtype == torch.float32 else "tf32"
+    return p
+
+
+def _state_dtype(x):
+    sd = CONFIG["state_dtype"]
+    if sd == "auto":
+        return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[sd]
+
+
+def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states=True):
+    B, T, H, N = r.shape
+    plan = _Plan(B, T, H, N, cu_seqlens, r.device)
+    dev, prec, bv = r.device, _prec(r), plan.bv
+    Wbuf, Qbuf = _prep(w, k, a, b, plan)
+    fuse = bool(CONFIG["fuse_out"])
+    store_states = need_states or not fuse
+    states = torch.empty(max(plan.total, 1), H, N, N, dtype=_state_dtype(r), device=dev) if store_states else None
+    ht = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if output_final_state else None
+    y = torch.empty_like(r)
+    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=CONFIG["state_warps"])
+    gstates = Xbuf = None
+    if plan.grouped:
+        Xbuf = torch.empty(plan.total_groups, H, 2 * N, N, dtype=torch.float32, device=dev)
+        gstates = torch.empty(plan.total_groups, H, N, N, dtype=torch.float32, device=dev)
+        _fwd_state_kernel[(2 * N // bv, plan.NS * H, plan.max_groups)](
+            r, w, k, v, b, y, Wbuf, Qbuf, None, None, None, None, Xbuf, *plan.seq_args(),
+            USE_H0=False, STORE_HT=False, STORE_STATES=False, FUSE_OUT=False, GROUPED=True, AUG=True, **common,
+        )
+        _scan_kernel[(N // bv, plan.NS * H)](
+            initial_state, ht, gstates, Xbuf, *plan.seq_args(), H=H, N=N, BT=BT, BV=bv,
+            USE_INIT=initial_state is not None, STORE_FINAL=output_final_state, REVERSE=False,
+            IS_VARLEN=plan.is_varlen, num_warps=CONFIG["state_warps"],
+        )
+    _fwd_state_kernel[(N // bv, plan.NS * H, plan.max_groups)](
+        r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, gstates, Xbuf, *plan.seq_args(),
+        USE_H0=initial_state is not None, STORE_HT=output_final_state and not plan.grouped,
+        STORE_STATES=store_states, FUSE_OUT=fuse, GROUPED=plan.grouped, AUG=False, **common,
+    )
+    if not fuse and plan.total:
+        _fwd_out_kernel[(plan.total, H)](
+            r, w, k, v, b, y, Wbuf, Qbuf, states, plan.cu, plan.indices, T, plan.NT,
+            H=H, N=N, BT=BT, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=CONFIG["chunk_warps"],
+        )
+    return y, ht, states, plan
+
+
+def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
+    B, T, H, N = r.shape
+    dev, prec, bv = r.device, _prec(r), plan.bv
+    Wbuf, _ = _prep(w, k, a, b, plan)
+    dstates = torch.empty_like(states)
+    dh0 = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if need_dh0 else None
+    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=CONFIG["state_warps"])
+    gdstates = Xbuf = None
+    if plan.grouped:
+        Xbuf = torch.empty(plan.total_groups, H, 2 * N, N, dtype=torch.float32, device=dev)
+        gdstates = torch.empty(plan.total_groups, H, N, N, dtype=torch.float32, device=dev)
+        _bwd_state_kernel[(2 * N // bv, plan.NS * H, plan.max_groups)](
+            r, w, b, dy, Wbuf, None, None, None, None, Xbuf, *plan.seq_args(),
+            USE_DHT=False, STORE_DH0=False, GROUPED=True, AUG=True, **common,
+        )
+        _scan_kernel[(N // bv, plan.NS * H)](
+            dht, dh0, gdstates, Xbuf, *plan.seq_args(), H=H, N=N, BT=BT, BV=bv,
+            USE_INIT=dht is not None, STORE_FINAL=need_dh0, REVERSE=True,
+            IS_VARLEN=plan.is_varlen, num_warps=CONFIG["state_warps"],
+        )
+    _bwd_state_kernel[(N // bv, plan.NS * H, plan.max_groups)](
+        r, w, b, dy, Wbuf, dht, dh0, dstates, gdstates, Xbuf, *plan.seq_args(),
+        USE_DHT=dht is not None, STORE_DH0=need_dh0 and not plan.grouped, GROUPED=plan.grouped, AUG=False, **common,
+    )
+    grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
+    if plan.total:
+        _bwd_grads_kernel[(plan.total, H)](
+            r, w, k, v, a, b, dy, states, dstates, *grads, plan.cu, plan.indices, T, plan.NT,
+            H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen, PREC=prec,
+            num_warps=CONFIG["grad_warps"],
+        )
+    return (*grads, dh0)
+
+
+class _ChunkWKV7Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states):
+        y, ht, states, plan = chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state,
+                                             need_states=need_states)
+        if need_states:
+            ctx.save_for_backward(r, w, k, v, a, b, states)
+        ctx.plan = plan
+        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+        return y, ht
+
+    @staticmethod
+    def backward(ctx, dy, dht):
+        r, w, k, v, a, b, states = ctx.saved_tensors
+        need_dh0 = ctx.h0_dtype is not None and ctx.needs_input_grad[6]
+        dr, dw, dk, dv, da, db, dh0 = chunk_wkv7_bwd(
+            r, w, k, v, a, b, dy.contiguous(), None if dht is None else dht.contiguous(), states, ctx.plan, need_dh0
+        )
+        if dh0 is not None:
+            dh0 = dh0.to(ctx.h0_dtype)
+        return dr, dw, dk, dv, da, db, dh0, None, None, None
+
+
+def chunk_wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False):
+    """Chunked Triton RWKV-7 recurrence. Inputs [B, T, H, 64]; returns (y, final_state or None).
+
+    `initial_state` [B, H, 64, 64] (or [n_docs, H, 64, 64] with `cu_seqlens`, B == 1); fp32 state math,
+    y in r's dtype, the final state fp32. Differentiable in every tensor input. Needs w >= about -5
+    (the model's w is in (-0.607, 0]).
+    """
+    B, T, H, N = r.shape
+    if N != 64:
+        raise ValueError(f"wkv7 Triton kernel supports head size 64 only, got {N}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs B == 1 (packed documents), got B={B}")
+        cu_seqlens = cu_seqlens.to(device=r.device, dtype=torch.int32).contiguous()
+    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    need_states = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state)
+    )  # inference: the per-chunk states need not be written (unless the output kernel reads them)
+    return _ChunkWKV7Function.apply(r, w, k, v, a, b, initial_state, cu_seqlens, bool(output_final_state), need_states)

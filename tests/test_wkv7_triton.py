@@ -1,0 +1,227 @@
+"""Triton RWKV-7 recurrence kernels vs the float64 naive reference: values and every gradient.
+
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, fp32, tiny shapes).
+The env var must be set before the kernel modules are imported (Triton decides at decoration time);
+it is only set when no CUDA device is present, so on a GPU machine the same tests run compiled.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import rwkvx_kernels.wkv7 as wkv7_pkg  # noqa: E402
+from rwkvx_kernels.wkv7 import wkv7, wkv7_naive  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if CUDA and not INTERPRET else "cpu"
+
+if not CUDA and not INTERPRET:  # pragma: no cover - env var was set to something else by the user
+    pytest.skip("no CUDA and TRITON_INTERPRET != 1", allow_module_level=True)
+
+from rwkvx_kernels.wkv7.chunk import chunk_wkv7  # noqa: E402
+from rwkvx_kernels.wkv7.fused_recurrent import fused_recurrent_wkv7  # noqa: E402
+
+N = 64
+
+
+W_FLOOR = -math.exp(-0.5)  # the model's most negative log decay: exp(w) = 0.545
+
+
+def make_inputs(B, T, H, seed=0, dtype=torch.float32, device=DEV, n_state=None, state=False, extreme=False):
+    """Model-like inputs; `extreme`: decay at its floor or 1 (random per entry) and in-context rate 1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    r, k, v = (rn(B, T, H, N) * 0.5 for _ in range(3))
+    w = W_FLOOR * torch.sigmoid(rn(B, T, H, N))
+    kk = torch.nn.functional.normalize(rn(B, T, H, N), dim=-1)
+    a = -kk
+    b = kk * torch.sigmoid(rn(B, T, H, N))
+    if extreme:
+        w = W_FLOOR * (rn(B, T, H, N) > 0).double()
+        b = kk
+    xs = [x.to(device=device, dtype=dtype) for x in (r, w, k, v, a, b)]
+    h0 = (rn(n_state or B, H, N, N) * 0.3).to(device=device, dtype=torch.float32) if state else None
+    return xs, h0
+
+
+def rel(x, ref):
+    x, ref = x.double().cpu(), ref.double().cpu()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_and_grads(fn, xs, h0, cu_seqlens, want_final, to64=False, seed=1):
+    in_dtype = xs[0].dtype  # dy is rounded to the input dtype so that both runs see the same dy
+    xs = [x.detach().clone().double() if to64 else x.detach().clone() for x in xs]
+    for x in xs:
+        x.requires_grad_(True)
+    if h0 is not None:
+        h0 = h0.detach().clone().double() if to64 else h0.detach().clone()
+        h0.requires_grad_(True)
+    y, ht = fn(*xs, initial_state=h0, cu_seqlens=cu_seqlens, output_final_state=want_final)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(in_dtype).to(y.device, y.dtype)
+    loss = (y * dy).sum()
+    if want_final:
+        dht = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.device, ht.dtype)
+        loss = loss + (ht * dht).sum()
+    loss.backward()
+    grads = [x.grad for x in xs] + ([h0.grad] if h0 is not None else [])
+    return y, ht, grads
+
+
+NAMES = ["r", "w", "k", "v", "a", "b", "h0"]
+
+
+def check(fn, B, T, H, state, cu, want_final, tol=1e-4, seed=0, dtype=torch.float32, extreme=False):
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    n_state = None if cu is None else len(cu) - 1
+    xs, h0 = make_inputs(B, T, H, seed=seed, dtype=dtype, n_state=n_state, state=state, extreme=extreme)
+    y, ht, grads = run_and_grads(fn, xs, h0, cu_t, want_final)
+    y64, ht64, grads64 = run_and_grads(wkv7_naive, xs, h0, None if cu is None else torch.tensor(cu), want_final, to64=True)
+    errs = {"y": rel(y, y64)}
+    if want_final:
+        errs["ht"] = rel(ht, ht64)
+    for name, gx, g64 in zip(NAMES, grads, grads64):
+        assert gx is not None, f"no gradient for {name}"
+        errs["d" + name] = rel(gx, g64)
+    bad = {k_: e for k_, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+    return errs
+
+
+CASES = [
+    # B, T, H, initial_state, cu_seqlens, output_final_state
+    pytest.param(1, 37, 1, False, None, False, id="T37"),
+    pytest.param(2, 37, 1, True, None, True, id="T37-h0-final"),
+    pytest.param(1, 64, 2, True, None, False, id="T64-h0"),
+    pytest.param(1, 64, 1, False, None, True, id="T64-final"),
+    pytest.param(1, 53, 1, False, [0, 5, 30, 53], True, id="varlen-final"),
+    pytest.param(1, 53, 1, True, [0, 5, 30, 53], True, id="varlen-h0-final"),
+    pytest.param(1, 40, 1, True, [0, 17, 17, 40], True, id="varlen-empty-doc"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,state,cu,final", CASES)
+def test_fused_recurrent_matches_float64(B, T, H, state, cu, final):
+    check(fused_recurrent_wkv7, B, T, H, state, cu, final)
+
+
+def test_fused_recurrent_row_blocks():
+    """BV < 64: per-key gradients come from partial sums over row blocks."""
+    from rwkvx_kernels.wkv7 import fused_recurrent as fr
+
+    old = dict(fr.CONFIG)
+    fr.CONFIG.update(fwd_bv=32, bwd_bv=16)
+    try:
+        check(fused_recurrent_wkv7, 1, 21, 1, True, None, True)
+    finally:
+        fr.CONFIG.clear()
+        fr.CONFIG.update(old)
+
+
+@pytest.mark.parametrize("B,T,H,state,cu,final", CASES)
+def test_chunk_matches_float64(B, T, H, state, cu, final):
+    check(chunk_wkv7, B, T, H, state, cu, final)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        pytest.param({"group_chunks": 2}, id="grouped"),
+        pytest.param({"group_chunks": 1, "fuse_out": True, "state_bv": 16}, id="grouped1-fused-bv16"),
+        pytest.param({"group_chunks": 0, "fuse_out": True, "state_bv": 64}, id="fused-bv64"),
+    ],
+)
+@pytest.mark.parametrize("B,T,H,cu", [(2, 70, 1, None), (1, 90, 1, [0, 5, 75, 75, 90])], ids=["batch", "varlen"])
+def test_chunk_configs(cfg, B, T, H, cu):
+    """Two-level scan over groups of chunks (used when sequences x heads are few), y fused into the state pass."""
+    from rwkvx_kernels.wkv7 import chunk
+
+    old = dict(chunk.CONFIG)
+    chunk.CONFIG.update(cfg)
+    try:
+        check(chunk_wkv7, B, T, H, True, cu, True)
+    finally:
+        chunk.CONFIG.clear()
+        chunk.CONFIG.update(old)
+
+
+@pytest.mark.parametrize("fn", [chunk_wkv7, fused_recurrent_wkv7], ids=["chunk", "fused_recurrent"])
+def test_extreme_decay_and_rate(fn):
+    """Decay at its floor 0.545 (largest in-chunk rescaling) or 1, in-context learning rate 1."""
+    check(fn, 1, 48, 1, True, [0, 16, 48], True, extreme=True)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_chunk_inference_forward(fuse):
+    """Under no_grad the per-chunk states are not kept (fused path) and y / final state still match."""
+    from rwkvx_kernels.wkv7 import chunk
+
+    old = dict(chunk.CONFIG)
+    chunk.CONFIG["fuse_out"] = fuse
+    try:
+        xs, h0 = make_inputs(1, 40, 1, state=True)
+        for x in xs:
+            x.requires_grad_(True)
+        with torch.no_grad():
+            y, ht = chunk_wkv7(*xs, initial_state=h0, output_final_state=True)
+        y64, ht64 = wkv7_naive(*(x.detach().double() for x in xs), initial_state=h0.double(), output_final_state=True)
+        assert rel(y, y64) < 1e-4 and rel(ht, ht64) < 1e-4
+    finally:
+        chunk.CONFIG.clear()
+        chunk.CONFIG.update(old)
+
+
+def test_dispatch_uses_triton():
+    xs, h0 = make_inputs(1, 5, 1, state=True)
+    y, ht = wkv7(*xs, initial_state=h0, output_final_state=True)
+    y64, ht64 = wkv7_naive(*(x.double() for x in xs), initial_state=h0.double(), output_final_state=True)
+    assert rel(y, y64) < 1e-4 and rel(ht, ht64) < 1e-4
+    assert wkv7_pkg.last_backend() in ("chunk", "fused_recurrent")
+
+
+# ---------------------------------------------------------------- GPU (lead runs these on a CUDA box)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("fn", [chunk_wkv7, fused_recurrent_wkv7], ids=["chunk", "fused_recurrent"])
+def test_gpu_bf16_accuracy(fn):
+    B, T, H = 2, 1024, 4
+    xs, h0 = make_inputs(B, T, H, seed=3, dtype=torch.bfloat16, device="cuda", state=True)
+    y, ht, grads = run_and_grads(fn, xs, h0, None, True)
+    y64, ht64, grads64 = run_and_grads(wkv7_naive, xs, h0, None, True, to64=True)
+    errs = {"y": rel(y, y64), "ht": rel(ht, ht64)}
+    errs.update({"d" + n: rel(g, g64) for n, g, g64 in zip(NAMES, grads, grads64)})
+    print(fn.__name__, errs)
+    assert errs["y"] < 5e-3 and errs["ht"] < 5e-3, errs
+    assert all(errs["d" + n] < 2e-2 for n in NAMES), errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("fn", [chunk_wkv7, fused_recurrent_wkv7], ids=["chunk", "fused_recurrent"])
+def test_gpu_long_sequence_finite(fn):
+    xs, h0 = make_inputs(1, 65536, 2, seed=4, dtype=torch.bfloat16, device="cuda")
+    y, ht, grads = run_and_grads(fn, xs, None, None, True)
+    assert torch.isfinite(y).all() and torch.isfinite(ht).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_fallback_to_naive_for_float64():
+    xs, h0 = make_inputs(1, 4, 1, dtype=torch.float64, state=True)
+    wkv7_pkg._warned.clear()
+    with pytest.warns(UserWarning, match="PyTorch reference"):
+        y, ht = wkv7(*xs, initial_state=h0.double(), output_final_state=True)
+    assert wkv7_pkg.last_backend() == "naive" and y.dtype == torch.float64
