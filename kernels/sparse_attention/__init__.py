@@ -1,10 +1,81 @@
-"""MoBA top-k chunk sparse attention (SPEC section 3): `naive` is the plain-PyTorch reference and CPU path.
+"""MoBA top-k chunk sparse attention (SPEC section 3).
 
-`sparse_attention_naive(q, k, v, chunk_size, topk, cu_seqlens=None)` on [B, T, H, D] inputs;
-`chunk_selection` exposes which past chunks each query picks; `sparse_attention_dense_mask` is the
-O(T^2) test oracle.
+- `sparse_attention(q, k, v, chunk_size, topk, cu_seqlens=None)`: the entry point, [B, T, H, D].
+  Runs the Triton kernels (`triton_topk.sparse_attention_triton`) for CUDA tensors, or for CPU
+  tensors when TRITON_INTERPRET=1 is set before the kernels are first imported; otherwise (and for
+  float64 inputs, head size > 128, or no importable Triton) it falls back to `sparse_attention_naive`
+  and warns once with the reason. `backend="naive"` / `"triton"` forces one.
+- `sparse_attention_naive` is the plain-PyTorch reference and CPU path; `chunk_selection` exposes
+  which past chunks each query picks; `sparse_attention_dense_mask` is the O(T^2) test oracle.
+- `ChunkedKVCache`: decoding one token at a time with the same selection rule.
 """
 
+from __future__ import annotations
+
+import os
+import warnings
+
+from .decode import ChunkedKVCache
 from .naive import chunk_selection, sparse_attention_dense_mask, sparse_attention_naive
 
-__all__ = ["chunk_selection", "sparse_attention_naive", "sparse_attention_dense_mask"]
+__all__ = [
+    "sparse_attention",
+    "chunk_selection",
+    "sparse_attention_naive",
+    "sparse_attention_dense_mask",
+    "ChunkedKVCache",
+    "last_backend",
+]
+
+_warned: set[str] = set()
+_last = {"backend": None}
+
+
+def last_backend():
+    """Which implementation the most recent `sparse_attention` call used ("triton" or "naive")."""
+    return _last["backend"]
+
+
+def _fallback_reason(q) -> str | None:
+    import torch
+
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({e})"
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {q.dtype} (the Triton kernels take bf16/fp16/fp32)"
+    if q.dim() == 4 and q.shape[-1] > 128:
+        return f"head size {q.shape[-1]} > 128"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"tensors on {q.device.type} and TRITON_INTERPRET != 1"
+    return None
+
+
+def sparse_attention(q, k, v, chunk_size: int, topk: int, cu_seqlens=None, *, backend: str | None = None,
+                     config: dict | None = None):
+    """MoBA sparse attention [B, T, H, D] -> [B, T, H, D] (input dtype), differentiable in q, k, v.
+
+    Per query: its own chunk (causal) plus the `topk - 1` strictly past chunks with the highest
+    q . mean(k) score (ties to the earlier chunk), one softmax with scale 1/sqrt(D). With
+    `cu_seqlens` (B == 1) packed documents are independent sequences. `config` passes launch
+    parameters to the Triton kernels (see `triton_topk.CONFIG_GPU`).
+    """
+    if backend not in (None, "triton", "naive"):
+        raise ValueError(f"unknown sparse attention backend {backend!r} (triton, naive)")
+    if backend is None:
+        reason = _fallback_reason(q)
+        if reason is not None:
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"rwkvx_kernels.sparse_attention: using the PyTorch reference (slow): {reason}",
+                              stacklevel=2)
+            backend = "naive"
+        else:
+            backend = "triton"
+    _last["backend"] = backend
+    if backend == "naive":
+        return sparse_attention_naive(q, k, v, chunk_size, topk, cu_seqlens=cu_seqlens)
+    from .triton_topk import sparse_attention_triton
+
+    return sparse_attention_triton(q, k, v, chunk_size, topk, cu_seqlens=cu_seqlens, config=config)

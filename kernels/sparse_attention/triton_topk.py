@@ -1,0 +1,804 @@
+"""Triton MoBA top-k chunk sparse attention, forward and backward (SPEC sections 3 and 8).
+
+Same semantics as `naive.sparse_attention_naive`: per batch row, head and query t, keys are split in
+chunks of `chunk_size` tokens counted from the start of the sequence (or of its document with
+`cu_seqlens`); query t attends causally to its own chunk plus the `topk - 1` strictly past chunks
+of its document whose mean key scores highest against q_t (fp32, unscaled, no gradient; ties go to
+the earlier chunk); one softmax with scale 1/sqrt(D) over the union.
+
+Pipeline (inputs contiguous [B, T, H, D]; B*H = BH; NC = number of chunks, all documents together):
+
+1. `_chunk_means_kernel`: mean key of every chunk, [BH, NC, D] fp32, one pass over K. Every chunk
+   is summed by the same code path, so identical key chunks get bit-identical means.
+2. `_select_kernel`: per (query tile, head) a loop over the eligible chunks of the tile's
+   documents; each score is an elementwise product summed over D (the same instructions for every
+   chunk, so equal means give equal scores); a running top-(topk-1) set is kept in registers
+   (replace the worst member when a later chunk scores strictly higher, which is exactly the
+   stable-descending tie rule). Output: `sel` [B, T, H, topk-1] int32 global chunk ids, best
+   first, -1 padded. Nothing of size T x NC is ever stored.
+3. Inversion (plain torch, O(T*H*topk)): the (query, slot) pairs are sorted by (head, chunk)
+   (`perm`, stable, so queries ascend in each bucket) with bucket offsets `offs` [BH*NC + 1]; a work
+   table cuts every bucket into blocks of gathered queries.
+4. `_past_fwd_kernel`: per work item (head, chunk, block of gathered queries): dense flash tiles of
+   those queries against the chunk's keys -> partial output and log-sum-exp per (query, slot).
+5. `_own_fwd_kernel`: per (query tile, head): causal attention inside each query's own chunk
+   (masked only on the diagonal / chunk-boundary blocks), then an exact log-sum-exp merge with the
+   partials of the query's selected slots. Stores O and the total log-sum-exp (base 2) per row.
+
+Backward (exact; recomputes probabilities from the stored log-sum-exp):
+- `_delta_kernel`: delta = rowsum(dO * O).
+- `_bwd_dkdv_kernel`: one program per (head, chunk, block of keys) owns that block of dK/dV (no
+  atomics): it loops over the chunk's own queries (causal) and over the bucket of gathered queries
+  that selected the chunk. Config `dkdv_split=N` instead cuts buckets into segments of N queries,
+  one program each, adding partial dK/dV atomically into fp32 buffers (bounds the longest program
+  when one chunk is picked by very many queries).
+- `_bwd_dq_past_kernel`: per work item, dQ contribution of the selected chunk -> per (query, slot).
+- `_bwd_dq_own_kernel`: per (query tile, head): own-chunk dQ plus the slot partials.
+  Config `dq_atomic=True` replaces these two: the dK/dV kernel also computes dS K for every tile and
+  adds it atomically into an fp32 dQ buffer (FlashAttention-2 style: 5 instead of 7 matmuls per
+  tile, at the price of atomics and non-deterministic summation order).
+
+Saved for backward: q, k, v, o (input dtype), lse [BH, T] fp32, sel [B, T, H, topk-1] int32, perm
+[B*T*H*(topk-1)] int32, offs [BH*NC + 1] int32 and the chunk tables: per token and head
+4*D*elem + 4 + 8*(topk-1) bytes (bf16, D=64, topk=3: 532 bytes; q/k/v/o alone are 512). Transient:
+the forward partials (o, lse) and the backward dQ partials, fp32 [B*T*H*(topk-1), D + 1]-ish.
+
+Any chunk size >= 1 and any T work (tiles are masked); documents may be shorter than a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sparse_attention_triton", "chunk_selection_triton", "prepare_selection", "CONFIG_GPU", "CONFIG_INTERPRET"]
+
+# Launch parameters. *_bm = query rows per tile, *_bn = key rows per tile.
+CONFIG_GPU = {
+    "means_bn": 64, "means_warps": 4,
+    "sel_bm": 64, "sel_warps": 4,
+    "fwd_bm": 128, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 3,
+    "past_bm": 128, "past_bn": 64, "past_warps": 4, "past_stages": 3,
+    "dkdv_bn": 128, "dkdv_bm": 32, "dkdv_warps": 4, "dkdv_stages": 3,
+    "dq_bm": 128, "dq_bn": 32, "dq_warps": 4, "dq_stages": 3,
+    "dqp_bm": 128, "dqp_bn": 32, "dqp_warps": 4, "dqp_stages": 3,
+    # dQ: False = recomputed per query (dq_past + dq_own kernels, deterministic);
+    # True = atomically accumulated by the dK/dV kernel into an fp32 buffer (fewer matmuls).
+    "dq_atomic": False,
+    # dK/dV: 0 = one program per key block over the whole bucket of queries that selected its chunk;
+    # N > 0 = buckets cut in segments of N queries, partial sums added atomically (fp32), which bounds
+    # the longest program when many queries pick the same chunk.
+    "dkdv_split": 0,
+}
+CONFIG_INTERPRET = {
+    "means_bn": 16, "means_warps": 1,
+    "sel_bm": 16, "sel_warps": 1,
+    "fwd_bm": 16, "fwd_bn": 16, "fwd_warps": 1, "fwd_stages": 1,
+    "past_bm": 16, "past_bn": 16, "past_warps": 1, "past_stages": 1,
+    "dkdv_bn": 16, "dkdv_bm": 16, "dkdv_warps": 1, "dkdv_stages": 1,
+    "dq_bm": 16, "dq_bn": 16, "dq_warps": 1, "dq_stages": 1,
+    "dqp_bm": 16, "dqp_bn": 16, "dqp_warps": 1, "dqp_stages": 1,
+    "dq_atomic": False,
+    "dkdv_split": 0,
+}
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Gating: chunk means and top-k selection
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_means_kernel(K, MEANS, CH_START, CH_END, T, H, NC,
+                        D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start = tl.load(CH_START + g)
+    end = tl.load(CH_END + g)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    base = K + (b.to(tl.int64) * T * H + h) * D
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for n0 in range(start, end, BN):
+        rows = n0 + tl.arange(0, BN)
+        ptrs = base + rows.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+        x = tl.load(ptrs, mask=(rows < end)[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    count = tl.maximum(end - start, 1).to(tl.float32)
+    tl.store(MEANS + (bh * NC + g).to(tl.int64) * D + offs_d, acc / count, mask=dmask)
+
+
+@triton.jit
+def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, T, H, NC,
+                   D: tl.constexpr, BD: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < T
+    own = tl.load(TOK_CHUNK + rows, mask=rmask, other=0)
+    first = tl.load(CH_FIRST + own, mask=rmask, other=0)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    tok = (b.to(tl.int64) * T + rows) * H + h
+    q = tl.load(Q + tok[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = q.to(tl.float32)
+    g_lo = tl.min(tl.where(rmask, first, NC), axis=0)
+    g_hi = tl.max(tl.where(rmask, own, 0), axis=0)
+    slot = tl.arange(0, KP)
+    real = slot < K1
+    # Members of the running set: real slots start empty (-inf, distinct negative ids); padding
+    # slots (KP > K1) hold +inf so they are never the worst member.
+    top_s = tl.zeros([BM, KP], dtype=tl.float32) + tl.where(real, float("-inf"), float("inf"))[None, :]
+    top_i = tl.zeros([BM, KP], dtype=tl.int32) + (-1 - slot)[None, :]
+    mean_base = MEANS + (bh * NC).to(tl.int64) * D
+    for g in range(g_lo, g_hi):
+        m = tl.load(mean_base + g * D + offs_d, mask=dmask, other=0.0)
+        s = tl.sum(q * m[None, :], axis=1)
+        eligible = (g >= first) & (g < own) & rmask
+        worst_s = tl.min(top_s, axis=1)
+        worst_i = tl.max(tl.where(top_s == worst_s[:, None], top_i, -2147483647), axis=1)
+        take = eligible & (s > worst_s)
+        hit = take[:, None] & (top_i == worst_i[:, None])
+        top_s = tl.where(hit, s[:, None], top_s)
+        top_i = tl.where(hit, g, top_i)
+    # Rank the members best first: higher score, then lower chunk id.
+    a_s = top_s[:, :, None]
+    a_i = top_i[:, :, None]
+    o_s = top_s[:, None, :]
+    o_i = top_i[:, None, :]
+    better = ((o_s > a_s) | ((o_s == a_s) & (o_i < a_i))) & real[None, None, :]
+    rank = tl.sum(better.to(tl.int32), axis=2)
+    out = tl.where(top_i >= 0, top_i, -1)
+    tl.store(SEL + tok[:, None] * K1 + rank, out, mask=rmask[:, None] & real[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _past_fwd_kernel(Q, K, V, OP, LSEP, PERM, OFFS, WB, WS, CH_START, CH_END, T, H, NC, scale2,
+                     K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    w = tl.program_id(0)
+    bucket = tl.load(WB + w)
+    if bucket < 0:
+        return
+    pstart = tl.load(WS + w)
+    pend = tl.load(OFFS + bucket + 1)
+    bh = bucket // NC
+    g = bucket % NC
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    idx = pstart + tl.arange(0, BM)
+    rmask = idx < pend
+    pair = tl.load(PERM + idx, mask=rmask, other=0)
+    t = (pair // (H * K1)) % T
+    tok = (b.to(tl.int64) * T + t) * H + h
+    q = tl.load(Q + tok[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    kbeg = tl.load(CH_START + g)
+    kend = tl.load(CH_END + g)
+    head = (b.to(tl.int64) * T * H + h) * D
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for n0 in range(kbeg, kend, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < kend
+        kv_off = head + cols.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        if not EVEN_N:
+            s = tl.where(cmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    pair64 = pair.to(tl.int64)
+    tl.store(OP + pair64[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+    tl.store(LSEP + pair64, m_i + tl.log2(l_safe), mask=rmask)
+
+
+@triton.jit
+def _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, k_lo, k_hi, scale2, offs_d, dmask,
+                   H: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    for n0 in range(k_lo, k_hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        kv_off = head + cols.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+        if MASKED:
+            cmask = cols < k_hi
+            k = tl.load(K + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        else:
+            k = tl.load(K + kv_off, mask=dmask[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        if MASKED:
+            vis = (cols[None, :] >= kst[:, None]) & (cols[None, :] <= rows[:, None]) & cmask[None, :]
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _own_fwd_kernel(Q, K, V, O, LSE, OP, LSEP, SEL, TOK_CHUNK, CH_START, T, scale2,
+                    H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < T
+    own = tl.load(TOK_CHUNK + rows, mask=rmask, other=0)
+    kst = tl.load(CH_START + own, mask=rmask, other=0)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    tok = (b.to(tl.int64) * T + rows) * H + h
+    q = tl.load(Q + tok[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    head = (b.to(tl.int64) * T * H + h) * D
+    # Keys [full_lo, mid) are visible to every row of the tile: no mask there.
+    lo = tl.min(tl.where(rmask, kst, T), axis=0)
+    hi = tl.max(tl.where(rmask, rows, 0), axis=0) + 1
+    full_lo = tl.max(tl.where(rmask, kst, 0), axis=0)
+    first_row = pid_m * BM
+    n_full = tl.maximum(first_row - full_lo, 0) // BN
+    mid = full_lo + n_full * BN
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    acc, l_i, m_i = _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, lo, full_lo, scale2, offs_d, dmask,
+                                   H, D, BN, True, DOT_PREC)
+    acc, l_i, m_i = _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, full_lo, mid, scale2, offs_d, dmask,
+                                   H, D, BN, False, DOT_PREC)
+    acc, l_i, m_i = _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, mid, hi, scale2, offs_d, dmask,
+                                   H, D, BN, True, DOT_PREC)
+    # Log-sum-exp merge with the partial results of the selected past chunks.
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    for j in tl.static_range(K1):
+        pidx = tok * K1 + j
+        sj = tl.load(SEL + pidx, mask=rmask, other=-1)
+        valid = sj >= 0
+        lse_j = tl.load(LSEP + pidx, mask=valid, other=float("-inf"))
+        o_j = tl.load(OP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+        m_new = tl.maximum(m_i, lse_j)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(lse_j - m_new)
+        acc = acc * alpha[:, None] + beta[:, None] * o_j
+        l_i = l_i * alpha + beta
+        m_i = m_new
+    o = acc / l_i[:, None]
+    tl.store(O + tok[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < T
+    offs_d = tl.arange(0, BD)
+    mask = rmask[:, None] & (offs_d < D)[None, :]
+    tok = (b.to(tl.int64) * T + rows) * H + h
+    o = tl.load(O + tok[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + tok[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, tl.sum(o * do, axis=1), mask=rmask)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_hi, cols, scale, scale2, offs_d,
+                dmask, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                GATHER: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query rows r_lo..r_hi (tokens, or bucket entries); with
+    DQ_ATOMIC also add the rows' dQ contributions into the fp32 buffer DQACC (FlashAttention-2 style)."""
+    for r0 in range(r_lo, r_hi, BM):
+        idx = r0 + tl.arange(0, BM)
+        rmask = idx < r_hi
+        if GATHER:
+            pair = tl.load(PERM + idx, mask=rmask, other=0)
+            t = (pair // (H * K1)) % T
+        else:
+            t = idx
+        tok = (b.to(tl.int64) * T + t) * H + h
+        lmask = rmask[:, None] & dmask[None, :]
+        q = tl.load(Q + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)
+        do = tl.load(DO + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)
+        lse = tl.load(LSE + t, mask=rmask, other=0.0)
+        delta = tl.load(DELTA + t, mask=rmask, other=0.0)
+        kq = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2
+        p_t = tl.exp2(kq - lse[None, :])
+        if CAUSAL:
+            p_t = tl.where((t[None, :] >= cols[:, None]) & rmask[None, :], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC) * scale
+            tl.atomic_add(DQACC + tok[:, None] * D + offs_d[None, :], dq, mask=lmask)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, OFFS, WB, WS, CH_START, CH_END, DQACC, T, NC, NKB, BH,
+                     scale, scale2, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """dK, dV of one block of BN keys of one chunk.
+
+    SPLIT == 0: one program per (head, chunk, key block) owns the block: own-chunk queries plus the
+    whole bucket of gathered queries, plain stores. SPLIT > 0: the bucket is cut in segments of SPLIT
+    queries (work table WB/WS, at least one segment per chunk); one program per (segment, key block),
+    the first segment also does the own-chunk queries; partial dK/dV are atomically added into fp32
+    buffers, so one heavily selected chunk does not serialise on a single program.
+    """
+    pid = tl.program_id(0)
+    if SPLIT > 0:
+        item = pid // NKB
+        kb = pid % NKB
+        bucket = tl.load(WB + item)
+        if bucket < 0:
+            return
+        bh = bucket // NC
+        g = bucket % NC
+        seg_lo = tl.load(WS + item)
+        first_seg = seg_lo == tl.load(OFFS + bucket)
+        seg_hi = tl.minimum(seg_lo + SPLIT, tl.load(OFFS + bucket + 1))
+    else:
+        # Heads vary fastest so that the (longest) early chunks of every head are scheduled first.
+        bh = pid % BH
+        g = pid // BH // NKB
+        kb = (pid // BH) % NKB
+        first_seg = True
+        seg_lo = 0
+        seg_hi = 0
+        if K1 > 0:
+            seg_lo = tl.load(OFFS + bh * NC + g)
+            seg_hi = tl.load(OFFS + bh * NC + g + 1)
+    cbeg = tl.load(CH_START + g)
+    cend = tl.load(CH_END + g)
+    kstart = cbeg + kb * BN
+    if kstart >= cend:
+        return
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    cols = kstart + tl.arange(0, BN)
+    cmask = cols < cend
+    head = (b.to(tl.int64) * T * H + h) * D
+    kv_off = head + cols.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+    kvmask = cmask[:, None] & dmask[None, :]
+    k = tl.load(K + kv_off, mask=kvmask, other=0.0)
+    v = tl.load(V + kv_off, mask=kvmask, other=0.0)
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    lse_row = LSE + bh.to(tl.int64) * T
+    delta_row = DELTA + bh.to(tl.int64) * T
+    if first_seg:
+        # Own-chunk queries: the diagonal rows (causal mask), then the rows below the block (all visible).
+        diag_end = tl.minimum(kstart + BN, cend)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, kstart, diag_end, cols,
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, True, DQ_ATOMIC, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, diag_end, cend, cols,
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, False, DQ_ATOMIC, DOT_PREC)
+    if K1 > 0:
+        # Queries of later chunks that selected this chunk.
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, seg_lo, seg_hi, cols,
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, True, False, DQ_ATOMIC, DOT_PREC)
+    if SPLIT > 0:
+        tl.atomic_add(DK + kv_off, dk * scale, mask=kvmask)
+        tl.atomic_add(DV + kv_off, dv, mask=kvmask)
+    else:
+        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kvmask)
+
+
+@triton.jit
+def _bwd_dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQP, PERM, OFFS, WB, WS, CH_START, CH_END, T, H, NC, scale, scale2,
+                        K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        DOT_PREC: tl.constexpr):
+    w = tl.program_id(0)
+    bucket = tl.load(WB + w)
+    if bucket < 0:
+        return
+    pstart = tl.load(WS + w)
+    pend = tl.load(OFFS + bucket + 1)
+    bh = bucket // NC
+    g = bucket % NC
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    idx = pstart + tl.arange(0, BM)
+    rmask = idx < pend
+    pair = tl.load(PERM + idx, mask=rmask, other=0)
+    t = (pair // (H * K1)) % T
+    tok = (b.to(tl.int64) * T + t) * H + h
+    lmask = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)
+    do = tl.load(DO + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + t, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + t, mask=rmask, other=0.0)
+    kbeg = tl.load(CH_START + g)
+    kend = tl.load(CH_END + g)
+    head = (b.to(tl.int64) * T * H + h) * D
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    for n0 in range(kbeg, kend, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < kend
+        kv_off = head + cols.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)  # padded keys are zero: no mask needed
+    pair64 = pair.to(tl.int64)
+    tl.store(DQP + pair64[:, None] * D + offs_d[None, :], dq * scale, mask=lmask)
+
+
+@triton.jit
+def _dq_own_inner(dq, q, do, lse, delta, K, V, head, rows, kst, k_lo, k_hi, scale2, offs_d, dmask,
+                  H: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    for n0 in range(k_lo, k_hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        kv_off = head + cols.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+        if MASKED:
+            cmask = cols < k_hi
+            k = tl.load(K + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        else:
+            k = tl.load(K + kv_off, mask=dmask[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            vis = (cols[None, :] >= kst[:, None]) & (cols[None, :] <= rows[:, None]) & cmask[None, :]
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ, DQP, SEL, TOK_CHUNK, CH_START, T, scale, scale2,
+                       H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < T
+    own = tl.load(TOK_CHUNK + rows, mask=rmask, other=0)
+    kst = tl.load(CH_START + own, mask=rmask, other=0)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    lmask = rmask[:, None] & dmask[None, :]
+    tok = (b.to(tl.int64) * T + rows) * H + h
+    q = tl.load(Q + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)
+    do = tl.load(DO + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+    head = (b.to(tl.int64) * T * H + h) * D
+    lo = tl.min(tl.where(rmask, kst, T), axis=0)
+    hi = tl.max(tl.where(rmask, rows, 0), axis=0) + 1
+    full_lo = tl.max(tl.where(rmask, kst, 0), axis=0)
+    first_row = pid_m * BM
+    n_full = tl.maximum(first_row - full_lo, 0) // BN
+    mid = full_lo + n_full * BN
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    dq = _dq_own_inner(dq, q, do, lse, delta, K, V, head, rows, kst, lo, full_lo, scale2, offs_d, dmask,
+                       H, D, BN, True, DOT_PREC)
+    dq = _dq_own_inner(dq, q, do, lse, delta, K, V, head, rows, kst, full_lo, mid, scale2, offs_d, dmask,
+                       H, D, BN, False, DOT_PREC)
+    dq = _dq_own_inner(dq, q, do, lse, delta, K, V, head, rows, kst, mid, hi, scale2, offs_d, dmask,
+                       H, D, BN, True, DOT_PREC)
+    dq = dq * scale
+    for j in tl.static_range(K1):
+        pidx = tok * K1 + j
+        sj = tl.load(SEL + pidx, mask=rmask, other=-1)
+        valid = sj >= 0
+        dq += tl.load(DQP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+    tl.store(DQ + tok[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=lmask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
+
+_TABLE_CACHE: dict = {}
+
+
+def _chunk_tables(T: int, chunk_size: int, bounds: tuple, device: torch.device):
+    """Chunk tables shared by every batch row and head (all int32, on `device`):
+
+    ch_start/ch_end [NC]: token range of global chunk g; ch_first [NC]: first chunk of g's document;
+    tok_chunk [T]: global chunk of each token. Chunks are counted from each document's start.
+    """
+    key = (T, chunk_size, bounds, str(device))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    starts = torch.tensor(bounds[:-1], dtype=torch.int64)
+    ends = torch.tensor(bounds[1:], dtype=torch.int64)
+    n_per_doc = (ends - starts + chunk_size - 1) // chunk_size
+    NC = int(n_per_doc.sum())
+    doc = torch.repeat_interleave(torch.arange(len(n_per_doc)), n_per_doc)
+    first = torch.cumsum(n_per_doc, 0) - n_per_doc
+    local = torch.arange(NC) - first[doc]
+    ch_start = starts[doc] + local * chunk_size
+    ch_end = torch.minimum(ch_start + chunk_size, ends[doc])
+    tok_chunk = torch.repeat_interleave(torch.arange(NC), ch_end - ch_start)
+    tables = tuple(x.to(torch.int32).to(device) for x in (ch_start, ch_end, first[doc], tok_chunk))
+    if len(_TABLE_CACHE) > 64:
+        _TABLE_CACHE.clear()
+    _TABLE_CACHE[key] = (NC,) + tables
+    return _TABLE_CACHE[key]
+
+
+def _config(device: torch.device, config) -> dict:
+    base = CONFIG_INTERPRET if device.type != "cuda" else CONFIG_GPU
+    cfg = dict(base)
+    if config:
+        unknown = set(config) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown sparse attention config keys {sorted(unknown)}")
+        cfg.update(config)
+    return cfg
+
+
+def _bounds(cu_seqlens, B: int, T: int) -> tuple:
+    if cu_seqlens is None:
+        return (0, T)
+    from .naive import _document_bounds
+
+    return tuple(_document_bounds(cu_seqlens, B, T))
+
+
+def _select(q, k, chunk_size, topk, bounds, cfg):
+    """Chunk means + top-k selection: (NC, tables, sel [B, T, H, topk-1] int32 global ids or None)."""
+    B, T, H, D = q.shape
+    NC, ch_start, ch_end, ch_first, tok_chunk = _chunk_tables(T, chunk_size, bounds, q.device)
+    K1 = topk - 1
+    BD = max(16, triton.next_power_of_2(D))
+    sel = None
+    if K1 > 0:
+        means = torch.empty(B * H, NC, D, device=q.device, dtype=torch.float32)
+        _chunk_means_kernel[(NC, B * H)](k, means, ch_start, ch_end, T, H, NC, D=D, BD=BD, BN=cfg["means_bn"],
+                                         num_warps=cfg["means_warps"])
+        sel = torch.empty(B, T, H, K1, device=q.device, dtype=torch.int32)
+        KP = max(2, triton.next_power_of_2(K1))
+        _select_kernel[(triton.cdiv(T, cfg["sel_bm"]), B * H)](q, means, tok_chunk, ch_first, sel, T, H, NC, D=D,
+                                                               BD=BD, K1=K1, KP=KP, BM=cfg["sel_bm"],
+                                                               num_warps=cfg["sel_warps"])
+    return NC, (ch_start, ch_end, ch_first, tok_chunk), sel
+
+
+def _invert(sel, H: int, NC: int):
+    """Sort the (query, slot) pairs by (batch*head, chunk): perm [B*T*H*K1] int32, offs [B*H*NC + 1] int32."""
+    B, T, _, K1 = sel.shape
+    n_buckets = B * H * NC
+    bh = (torch.arange(B, device=sel.device, dtype=torch.int32)[:, None] * H
+          + torch.arange(H, device=sel.device, dtype=torch.int32)[None, :]).view(B, 1, H, 1)
+    keys = torch.where(sel >= 0, bh * NC + sel, n_buckets).flatten()
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    offs = torch.searchsorted(sorted_keys, torch.arange(n_buckets + 1, device=sel.device, dtype=keys.dtype))
+    return perm.to(torch.int32), offs.to(torch.int32)
+
+
+def _work_table(offs, BM: int, n_pairs: int, at_least_one: bool = False):
+    """Cut every bucket into blocks of BM pairs: (bucket or -1, first pair) per work item; no host sync.
+
+    The grid is an upper bound (ceil(n_pairs / BM) + n_buckets items); surplus items get bucket -1.
+    With `at_least_one`, empty buckets still get one (empty) item."""
+    n_buckets = offs.numel() - 1
+    counts = (offs[1:] - offs[:-1]).to(torch.int64)
+    n_blocks = (counts + BM - 1) // BM
+    if at_least_one:
+        n_blocks = n_blocks.clamp_min(1)
+    cum = torch.cumsum(n_blocks, 0)
+    n_items = triton.cdiv(n_pairs, BM) + n_buckets
+    w = torch.arange(n_items, device=offs.device, dtype=torch.int64)
+    bucket = torch.searchsorted(cum, w, right=True)
+    valid = bucket < n_buckets
+    bc = bucket.clamp(max=n_buckets - 1)
+    start = offs[bc].to(torch.int64) + (w - (cum[bc] - n_blocks[bc])) * BM
+    return torch.where(valid, bucket, -1).to(torch.int32), torch.where(valid, start, 0).to(torch.int32), n_items
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, k, v, chunk_size, topk, bounds, cfg):
+    B, T, H, D = q.shape
+    K1 = topk - 1
+    BD = max(16, triton.next_power_of_2(D))
+    scale = 1.0 / math.sqrt(D)
+    scale2 = scale * LOG2E
+    prec = _dot_prec(q.dtype)
+    NC, (ch_start, ch_end, ch_first, tok_chunk), sel = _select(q, k, chunk_size, topk, bounds, cfg)
+    n_pairs = B * T * H * K1
+    dummy_i = torch.empty(1, device=q.device, dtype=torch.int32)
+    dummy_f = torch.empty(1, device=q.device, dtype=torch.float32)
+    if K1 > 0:
+        if n_pairs >= 2**31:
+            raise ValueError(f"B*T*H*(topk-1) = {n_pairs} exceeds the int32 pair index")
+        perm, offs = _invert(sel, H, NC)
+        wb, ws, n_items = _work_table(offs, cfg["past_bm"], n_pairs)
+        op = torch.empty(n_pairs, D, device=q.device, dtype=torch.float32)
+        lsep = torch.empty(n_pairs, device=q.device, dtype=torch.float32)
+        _past_fwd_kernel[(n_items,)](q, k, v, op, lsep, perm, offs, wb, ws, ch_start, ch_end, T, H, NC, scale2,
+                                     K1=K1, D=D, BD=BD, BM=cfg["past_bm"], BN=cfg["past_bn"],
+                                     EVEN_N=(chunk_size % cfg["past_bn"] == 0), DOT_PREC=prec,
+                                     num_warps=cfg["past_warps"], num_stages=cfg["past_stages"])
+    else:
+        sel, perm, offs, op, lsep = dummy_i, dummy_i, dummy_i, dummy_f, dummy_f
+    o = torch.empty_like(q)
+    lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
+    _own_fwd_kernel[(triton.cdiv(T, cfg["fwd_bm"]), B * H)](q, k, v, o, lse, op, lsep, sel, tok_chunk, ch_start, T,
+                                                            scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["fwd_bm"],
+                                                            BN=cfg["fwd_bn"], DOT_PREC=prec,
+                                                            num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+    return o, lse, sel, perm, offs, NC, (ch_start, ch_end, ch_first, tok_chunk)
+
+
+def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk, cfg):
+    B, T, H, D = q.shape
+    K1 = topk - 1
+    BD = max(16, triton.next_power_of_2(D))
+    scale = 1.0 / math.sqrt(D)
+    scale2 = scale * LOG2E
+    prec = _dot_prec(q.dtype)
+    ch_start, ch_end, ch_first, tok_chunk = tables
+    do = do.contiguous()
+    delta = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H=H, D=D, BD=BD, BM=64)
+    nkb = triton.cdiv(chunk_size, cfg["dkdv_bn"])
+    atomic = bool(cfg["dq_atomic"])
+    split = int(cfg["dkdv_split"]) if K1 > 0 else 0
+    dqacc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else delta
+    if split > 0:
+        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
+        wb, ws, n_items = _work_table(offs, split, B * T * H * K1, at_least_one=True)
+        grid = (n_items * nkb,)
+    else:
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        wb = ws = offs
+        grid = (B * H * NC * nkb,)
+    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC, nkb,
+                           B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"], BN=cfg["dkdv_bn"],
+                           SPLIT=split, DQ_ATOMIC=atomic, DOT_PREC=prec,
+                           num_warps=cfg["dkdv_warps"], num_stages=cfg["dkdv_stages"])
+    if split > 0:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    if atomic:
+        return dqacc.to(q.dtype), dk, dv
+    n_pairs = B * T * H * K1
+    if K1 > 0:
+        dqp = torch.empty(n_pairs, D, device=q.device, dtype=torch.float32)
+        wb, ws, n_items = _work_table(offs, cfg["dqp_bm"], n_pairs)
+        _bwd_dq_past_kernel[(n_items,)](q, k, v, do, lse, delta, dqp, perm, offs, wb, ws, ch_start, ch_end, T, H, NC,
+                                        scale, scale2, K1=K1, D=D, BD=BD, BM=cfg["dqp_bm"], BN=cfg["dqp_bn"],
+                                        DOT_PREC=prec, num_warps=cfg["dqp_warps"], num_stages=cfg["dqp_stages"])
+    else:
+        dqp = torch.empty(1, device=q.device, dtype=torch.float32)
+    dq = torch.empty_like(q)
+    _bwd_dq_own_kernel[(triton.cdiv(T, cfg["dq_bm"]), B * H)](q, k, v, do, lse, delta, dq, dqp, sel, tok_chunk,
+                                                              ch_start, T, scale, scale2, H=H, K1=K1, D=D, BD=BD,
+                                                              BM=cfg["dq_bm"], BN=cfg["dq_bn"], DOT_PREC=prec,
+                                                              num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+    return dq, dk, dv
+
+
+class _SparseAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, chunk_size, topk, bounds, cfg):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse, sel, perm, offs, NC, tables = _forward(q, k, v, chunk_size, topk, bounds, cfg)
+        ctx.save_for_backward(q, k, v, o, lse, sel, perm, offs, *tables)
+        ctx.meta = (chunk_size, topk, NC, cfg)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sel, perm, offs, *tables = ctx.saved_tensors
+        chunk_size, topk, NC, cfg = ctx.meta
+        dq, dk, dv = _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk, cfg)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check(q, k, v, chunk_size, topk):
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1 (the own chunk counts as one), got {topk}")
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all be [B, T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > 128:
+        raise ValueError(f"head size {q.shape[-1]} > 128 is not supported")
+
+
+def sparse_attention_triton(q, k, v, chunk_size: int, topk: int, cu_seqlens=None, *, config=None):
+    """MoBA top-k chunk sparse attention with Triton kernels: [B, T, H, D] -> [B, T, H, D] (input dtype).
+
+    Differentiable in q, k, v (exact gradients; none through the selection). `cu_seqlens` (B == 1)
+    packs independent documents. `config` overrides launch parameters (keys of CONFIG_GPU).
+    """
+    _check(q, k, v, chunk_size, topk)
+    B, T, H, D = q.shape
+    bounds = _bounds(cu_seqlens, B, T)
+    if T == 0 or B * H == 0:
+        return q.clone() + (k.sum() + v.sum()) * 0  # empty output that still carries a graph
+    cfg = _config(q.device, config)
+    return _SparseAttentionFunction.apply(q, k, v, int(chunk_size), int(topk), bounds, cfg)
+
+
+def prepare_selection(q, k, chunk_size: int, topk: int, cu_seqlens=None, *, config=None):
+    """The gating step alone: (sel [B, T, H, topk-1] int32 GLOBAL chunk ids or None, tok_chunk [T] int32,
+    NC). Global chunk ids number the chunks of all documents one after another, so two tokens with the
+    same id are in the same document (used by the benchmark's FlexAttention mask)."""
+    _check(q, k, k, chunk_size, topk)
+    B, T, H, D = q.shape
+    bounds = _bounds(cu_seqlens, B, T)
+    cfg = _config(q.device, config)
+    with torch.no_grad():
+        NC, tables, sel = _select(q.contiguous(), k.contiguous(), chunk_size, topk, bounds, cfg)
+    return sel, tables[3], NC
+
+
+def chunk_selection_triton(q, k, chunk_size: int, topk: int, cu_seqlens=None, *, config=None):
+    """Like `naive.chunk_selection` (LongTensor [B, T, H, topk - 1], best first, -1 padded), with chunk
+    ids counted from each token's document start."""
+    B, T, H, D = q.shape
+    sel, tok_chunk, NC = prepare_selection(q, k, chunk_size, topk, cu_seqlens, config=config)
+    if sel is None:
+        return torch.empty(B, T, H, 0, dtype=torch.long, device=q.device)
+    bounds = _bounds(cu_seqlens, B, T)
+    _, ch_start, ch_end, ch_first, _ = _chunk_tables(T, chunk_size, bounds, q.device)
+    first_of_token = ch_first.long()[tok_chunk.long()].view(1, T, 1, 1)
+    sel = sel.long()
+    return torch.where(sel >= 0, sel - first_of_token, -1)

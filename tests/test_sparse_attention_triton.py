@@ -1,0 +1,244 @@
+"""Triton top-k chunk sparse attention (forward + backward) and the decoding cache, against the
+plain-PyTorch references in float64.
+
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before the
+kernels are imported, fp32, tiny shapes, small tiles given through `config`). With CUDA the same
+tests run compiled with the default GPU launch parameters, plus the `gpu` tests (bf16, T = 8192).
+"""
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from rwkvx_kernels.sparse_attention import (  # noqa: E402
+    ChunkedKVCache,
+    chunk_selection,
+    last_backend,
+    sparse_attention,
+    sparse_attention_dense_mask,
+    sparse_attention_naive,
+)
+from rwkvx_kernels.sparse_attention.triton_topk import chunk_selection_triton, sparse_attention_triton  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                   reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+
+
+def random_qkv(B, T, H, D, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, H, D, generator=gen, dtype=dtype) for _ in range(4)]
+
+
+def output_and_grads(fn, q, k, v, upstream, dtype, device="cpu", **kwargs):
+    q, k, v = (x.detach().to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, **kwargs)
+    out.backward(upstream.to(device=device, dtype=dtype))
+    return [x.detach().double().cpu() for x in (out, q.grad, k.grad, v.grad)]
+
+
+def rel_err(got, want):
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(got, want, tol):
+    errs = {name: rel_err(g, w) for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    assert all(e <= tol for e in errs.values()), errs
+
+
+def check_against_oracle(q, k, v, upstream, cu_seqlens=None, config=None, **sizes):
+    if DEVICE == "cuda" and config:  # the tiny interpreter tiles are below tl.dot's minimum on GPUs
+        config = {key: val for key, val in config.items() if key in ("dq_atomic", "dkdv_split")}
+    got = output_and_grads(sparse_attention_triton, q, k, v, upstream, torch.float32, DEVICE,
+                           cu_seqlens=cu_seqlens, config=config, **sizes)
+    want = output_and_grads(sparse_attention_dense_mask, q, k, v, upstream, torch.float64,
+                            cu_seqlens=cu_seqlens, **sizes)
+    assert_close(got, want, 1e-4)
+    return got
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "B, T, H, D, chunk_size, topk, seed, config",
+    [
+        (2, 100, 2, 16, 16, 3, 0, None),  # T not a multiple of the chunk
+        (1, 128, 2, 64, 32, 2, 1, None),  # T a multiple, head size 64
+        (2, 90, 1, 16, 8, 5, 2, None),  # chunk smaller than the tiles: tiles straddle chunks
+        (1, 75, 2, 16, 8, 1, 3, None),  # own chunk only
+        (1, 110, 2, 32, 12, 4, 4, {"past_bn": 8, "dkdv_bn": 8, "dkdv_bm": 8, "fwd_bm": 8, "dq_bn": 8}),
+        (1, 120, 2, 16, 32, 3, 5, {"fwd_bm": 16, "fwd_bn": 8, "past_bm": 8, "dqp_bm": 8, "dq_bm": 8}),
+        (2, 100, 2, 16, 8, 3, 6, {"dq_atomic": True}),  # dQ accumulated atomically by the dK/dV kernel
+        (1, 130, 2, 16, 8, 4, 7, {"dkdv_split": 8, "dq_atomic": True}),  # buckets split across programs
+        (2, 96, 1, 16, 16, 3, 8, {"dkdv_split": 16}),
+    ],
+)
+def test_matches_dense_mask_oracle(B, T, H, D, chunk_size, topk, seed, config):
+    q, k, v, upstream = random_qkv(B, T, H, D, seed)
+    check_against_oracle(q, k, v, upstream, chunk_size=chunk_size, topk=topk, config=config)
+
+
+@needs_kernels
+def test_selection_matches_reference_order():
+    B, T, H, D, cs, topk = 2, 77, 3, 16, 8, 4
+    q, k, _, _ = random_qkv(B, T, H, D, seed=6, dtype=torch.float32)
+    got = chunk_selection_triton(q.to(DEVICE), k.to(DEVICE), cs, topk).cpu()
+    assert got.dtype == torch.long and torch.equal(got, chunk_selection(q, k, cs, topk))
+
+
+def tied_inputs(dtype):
+    """Chunks 1 and 3 get identical keys that dominate every score: the earlier one must win."""
+    B, T, H, D, cs = 1, 72, 2, 16, 8
+    q, k, v, upstream = random_qkv(B, T, H, D, seed=7, dtype=dtype)
+    boost = 3.0 * torch.ones(D, dtype=dtype)
+    q = q + boost
+    k[:, cs : 2 * cs] += boost
+    k[:, 3 * cs : 4 * cs] = k[:, cs : 2 * cs]
+    return q, k, v, upstream, cs
+
+
+@needs_kernels
+def test_ties_pick_the_earlier_chunk():
+    q, k, v, upstream, cs = tied_inputs(torch.float32)
+    late = slice(4 * cs, q.shape[1])
+    top1 = chunk_selection_triton(q.to(DEVICE), k.to(DEVICE), cs, topk=2).cpu()
+    assert (top1[:, late] == 1).all()
+    top2 = chunk_selection_triton(q.to(DEVICE), k.to(DEVICE), cs, topk=3).cpu()
+    assert (top2[:, late, :, 0] == 1).all() and (top2[:, late, :, 1] == 3).all()
+    for topk in (2, 3):
+        check_against_oracle(q.double(), k.double(), v.double(), upstream.double(), chunk_size=cs, topk=topk)
+
+
+@needs_kernels
+def test_packed_documents():
+    """An empty document, one shorter than a chunk, and longer ones; nothing crosses a boundary."""
+    cu_seqlens = torch.tensor([0, 37, 37, 42, 107, 140])
+    T, H, D, sizes = 140, 2, 16, dict(chunk_size=8, topk=3)
+    q, k, v, upstream = random_qkv(1, T, H, D, seed=11)
+    packed = check_against_oracle(q, k, v, upstream, cu_seqlens=cu_seqlens, **sizes)
+    bounds = cu_seqlens.tolist()
+    pieces = [output_and_grads(sparse_attention_naive, q[:, s:e], k[:, s:e], v[:, s:e], upstream[:, s:e],
+                               torch.float64, **sizes) for s, e in zip(bounds, bounds[1:])]
+    separate = [torch.cat(parts, dim=1) for parts in zip(*pieces)]
+    assert_close(packed, separate, 1e-4)
+    # document-relative chunk ids, as a per-document chunk_selection would give
+    sel = chunk_selection_triton(q.float().to(DEVICE), k.float().to(DEVICE), cu_seqlens=cu_seqlens, **sizes).cpu()
+    for s, e in zip(bounds, bounds[1:]):
+        if e > s:
+            assert torch.equal(sel[:, s:e], chunk_selection(q[:, s:e].float(), k[:, s:e].float(), **sizes))
+
+
+@needs_kernels
+@pytest.mark.parametrize("T, chunk_size, topk", [(60, 20, 3), (48, 16, 3)])
+def test_short_sequences_are_dense_causal(T, chunk_size, topk):
+    q, k, v, upstream = random_qkv(2, T, 2, 16, seed=T)
+
+    def causal(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), is_causal=True)
+        return out.transpose(1, 2)
+
+    got = output_and_grads(sparse_attention_triton, q, k, v, upstream, torch.float32, DEVICE,
+                           chunk_size=chunk_size, topk=topk)
+    want = output_and_grads(causal, q, k, v, upstream, torch.float64)
+    assert_close(got, want, 1e-4)
+
+
+@needs_kernels
+def test_saved_state_is_linear_in_t():
+    B, T, H, D, cs, topk = 1, 256, 2, 16, 16, 3
+    q, k, v = (x.float().to(DEVICE).requires_grad_() for x in random_qkv(B, T, H, D, seed=17)[:3])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sparse_attention_triton(q, k, v, cs, topk)
+    assert saved and max(t.numel() for t in saved) <= B * T * H * D
+    assert sum(t.numel() for t in saved) <= B * T * H * (4 * D + 1 + 2 * (topk - 1)) + 4 * T + 8
+
+
+@needs_kernels
+def test_dispatch_and_fallback():
+    q, k, v, _ = random_qkv(1, 40, 2, 16, seed=21)
+    out = sparse_attention(q.float().to(DEVICE), k.float().to(DEVICE), v.float().to(DEVICE), 8, 3)
+    assert last_backend() == "triton" and out.dtype == torch.float32
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref = sparse_attention(q, k, v, 8, 3)  # float64 -> reference
+    assert last_backend() == "naive" and any("float64" in str(w.message) for w in caught)
+    assert rel_err(out.double().cpu(), ref) <= 1e-5
+    with pytest.raises(ValueError, match="B=2"):
+        sparse_attention(q.float().expand(2, -1, -1, -1).to(DEVICE), k.float().expand(2, -1, -1, -1).to(DEVICE),
+                         v.float().expand(2, -1, -1, -1).to(DEVICE), 8, 3, cu_seqlens=[0, 40])
+
+
+# ------------------------------------------------------------------------------------------ decode
+
+
+@pytest.mark.parametrize("chunk_size, topk, tie", [(4, 3, False), (5, 2, False), (4, 3, True), (6, 1, False)])
+def test_decode_matches_training_rule(chunk_size, topk, tie):
+    B, T, H, D = 2, 37, 3, 8
+    q, k, v, _ = random_qkv(B, T, H, D, seed=31 + chunk_size)
+    if tie:  # chunks 0 and 2 identical and dominant
+        q = q + 3.0
+        k[:, :chunk_size] += 3.0
+        k[:, 2 * chunk_size : 3 * chunk_size] = k[:, :chunk_size]
+    want = sparse_attention_naive(q, k, v, chunk_size, topk)
+    cache = ChunkedKVCache(H, D, chunk_size, topk, dtype=torch.float64, batch_size=B)
+    prompt = 7
+    cache.extend(k[:, :prompt], v[:, :prompt])
+    for t in range(prompt, T):
+        y = cache.step(q[:, t], k[:, t], v[:, t])
+        if t % 4 == 0 or t == T - 1:  # the last row of a run on the prefix (== row t of the full run, causal)
+            ref = sparse_attention_naive(q[:, : t + 1], k[:, : t + 1], v[:, : t + 1], chunk_size, topk)[:, t]
+            assert (y - ref).abs().max().item() <= 1e-12, t
+        assert (y - want[:, t]).abs().max().item() <= 1e-12, t
+    assert cache.length == T and cache.n_complete_chunks == T // chunk_size
+
+
+def test_decode_cache_grows_and_keeps_contents():
+    B, H, D, cs = 1, 2, 4, 4
+    cache = ChunkedKVCache(H, D, cs, 2, dtype=torch.float64, batch_size=B)
+    q, k, v, _ = random_qkv(B, 50, H, D, seed=41)
+    for t in range(50):
+        cache.append(k[:, t], v[:, t])
+    means = k[:, :48].transpose(1, 2).reshape(B, H, 12, cs, D).mean(-2)
+    assert torch.equal(cache._means[:, :, :12], means)
+    assert torch.equal(cache._k[:, :, :50], k.transpose(1, 2))
+    assert (cache.attend(q[:, 49]) - sparse_attention_naive(q, k, v, cs, 2)[:, 49]).abs().max() <= 1e-12
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 3000, 3001, 8192]])
+def test_gpu_bf16_matches_float64(cu_seqlens):
+    B, T, H, D, cs, topk = 1, 8192, 2, 64, 512, 3
+    q, k, v, upstream = random_qkv(B, T, H, D, seed=51)
+    # round to bf16 first so both sides see the same inputs
+    q, k, v, upstream = (x.bfloat16().double() for x in (q, k, v, upstream))
+    got = output_and_grads(sparse_attention, q, k, v, upstream, torch.bfloat16, "cuda",
+                           chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens)
+    assert last_backend() == "triton"
+    want = output_and_grads(sparse_attention_naive, q, k, v, upstream, torch.float64, "cuda",
+                            chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens)
+    assert_close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (and TRITON_INTERPRET unset)")
+def test_gpu_fp32_and_ties():
+    q, k, v, upstream, cs = tied_inputs(torch.float64)
+    for topk in (2, 3):
+        got = output_and_grads(sparse_attention, q, k, v, upstream, torch.float32, "cuda", chunk_size=cs, topk=topk)
+        want = output_and_grads(sparse_attention_dense_mask, q, k, v, upstream, torch.float64, chunk_size=cs, topk=topk)
+        assert_close(got, want, 1e-4)
+    assert math.isfinite(rel_err(got[0], want[0]))
