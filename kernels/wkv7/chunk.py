@@ -59,7 +59,7 @@ CONFIG = {
     "state_bv": 32,  # value rows per program in the two sequential state passes
     "state_warps": 4,
     "chunk_warps": 4,
-    "grad_warps": 8,
+    "grad_warps": 4,  # 20.8 vs 27.7 ms fwd+bwd at 8x4096x64 on an H200 (docs/benchmarks.md sweep)
     "fuse_out": False,  # compute y inside the forward state pass (else a separate parallel kernel)
     # per-chunk states kept for backward: "fp32", "bf16" (half the memory traffic, like fla), or
     # "auto" = bf16 for bf16/fp16 inputs, fp32 for fp32 inputs
