@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 import traceback
 
 import torch
+from rwkvx_kernels.benchmarks.timing import cuda_time_ms
 
 D = 64
 DEVICE = "cuda"  # the benchmark is meant for CUDA; tests may point it elsewhere
@@ -44,19 +44,6 @@ def is_oom(e):
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def cuda_time_ms(fn, iters, warmup):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(name, fwd, iters, warmup, do, keep_result=True):
@@ -158,9 +145,8 @@ def build_flex_block_mask(sel, tok_chunk, T, H, block=128):
 
 def profile_ours(q, k, v, do, cs, topk, cfg):
     """Per-kernel CUDA time of one fwd+bwd of ours (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from rwkvx_kernels.sparse_attention import sparse_attention
+    from torch.profiler import ProfilerActivity, profile
 
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

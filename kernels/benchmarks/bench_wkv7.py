@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import statistics
 
 import torch
+from rwkvx_kernels.benchmarks.timing import cuda_time_ms
 
 SHAPES = [(8, 4096, 64), (1, 65536, 16), (16, 4096, 12)]
 N = 64
@@ -72,19 +72,6 @@ def ours(backend):
     return call
 
 
-def time_ms(fn, iters, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def bench_one(fn, xs, iters):
@@ -101,7 +88,7 @@ def bench_one(fn, xs, iters):
         y, _ = fn(*leaves)
         y.backward(dy)
 
-    return time_ms(fwd, iters), time_ms(fwd_bwd, iters)
+    return cuda_time_ms(fwd, iters), cuda_time_ms(fwd_bwd, iters)
 
 
 def rel(x, ref):
@@ -166,11 +153,10 @@ def compile_only(arch=90):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("--compile-only needs TRITON_INTERPRET unset")
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from rwkvx_kernels.wkv7 import chunk as C
     from rwkvx_kernels.wkv7 import fused_recurrent as F
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
     failures = 0

@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .inputs import prepare_inputs
+
 BT = 16  # chunk length
 # Launch parameters (the benchmark sweeps them). dot_precision: "tf32" or "ieee" (exact fp32, slower)
 # for the matrix products, "auto" = ieee for fp32 inputs and tf32 for bf16/fp16.
@@ -675,16 +677,7 @@ def chunk_wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_fin
     y in r's dtype, the final state fp32. Differentiable in every tensor input. Needs w >= about -5
     (the model's w is in (-0.607, 0]).
     """
-    B, T, H, N = r.shape
-    if N != 64:
-        raise ValueError(f"wkv7 Triton kernel supports head size 64 only, got {N}")
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs B == 1 (packed documents), got B={B}")
-        cu_seqlens = cu_seqlens.to(device=r.device, dtype=torch.int32).contiguous()
-    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
+    r, w, k, v, a, b, initial_state, cu_seqlens = prepare_inputs(r, w, k, v, a, b, initial_state, cu_seqlens)
     need_states = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state)
     )  # inference: the per-chunk states need not be written (unless the output kernel reads them)

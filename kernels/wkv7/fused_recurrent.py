@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .inputs import prepare_inputs
+
 SEG = 16  # tokens between state checkpoints
 
 # Launch parameters (the benchmark may tune these). BV = value rows per program (16, 32 or 64).
@@ -252,14 +254,5 @@ def fused_recurrent_wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, 
     `initial_state` [B, H, 64, 64] (or [n_docs, H, 64, 64] with `cu_seqlens`), fp32 state math;
     y comes back in v's dtype, the final state in fp32. Differentiable in every tensor input.
     """
-    B, T, H, N = r.shape
-    if N != 64:
-        raise ValueError(f"wkv7 Triton kernel supports head size 64 only, got {N}")
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs B == 1 (packed documents), got B={B}")
-        cu_seqlens = cu_seqlens.to(device=r.device, dtype=torch.int32).contiguous()
-    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
+    r, w, k, v, a, b, initial_state, cu_seqlens = prepare_inputs(r, w, k, v, a, b, initial_state, cu_seqlens)
     return _WKV7Function.apply(r, w, k, v, a, b, initial_state, cu_seqlens, bool(output_final_state))
