@@ -14,8 +14,7 @@ import logging
 import sys
 
 from rwkvx_data.cli import add_data_subcommands
-from rwkvx_data.format import ShardSetError
-from rwkvx_lightning.config import ConfigError, load_config, to_yaml
+from rwkvx_lightning.config import load_config, to_yaml
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -27,7 +26,7 @@ def run_train(args: argparse.Namespace) -> int:
         from rwkvx_lightning.train import train  # heavy imports only when training
 
         train(cfg)
-    except (ConfigError, ShardSetError) as e:
+    except ValueError as e:  # ConfigError, ShardSetError, a data position that cannot resume: one line, no traceback
         print(f"rwkvx train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -228,6 +228,11 @@ class ShardWindowDataset(IterableDataset):
             raise ShardSetError(f"shard {shard.url} holds {n} documents, the manifest says {shard.documents}")
 
 
+# The config keys behind each value a checkpoint's data position depends on.
+CONFIG_KEYS = {"seed": "seed", "ctx_len": "data.ctx_len", "batch_size": "data.batch_size",
+               "num_workers": "data.num_workers", "world_size": "trainer.devices x trainer.num_nodes"}
+
+
 class ShardDataModule(L.LightningDataModule):
     """Train/val loaders over a shard set; its state is the number of consumed training batches.
 
@@ -321,7 +326,7 @@ class ShardDataModule(L.LightningDataModule):
             if old != new:
                 raise ValueError(
                     f"cannot resume the data stream: {key} was {state[key]} in the checkpoint, now {now[key]}; "
-                    f"set {key}={state[key]} to resume exactly"
+                    f"set {CONFIG_KEYS[key]}={state[key]} to resume exactly"
                 )
         self.batches_consumed = state["batches_consumed"]
         if self._train_set is not None:

@@ -36,8 +36,8 @@ def training_flops_per_token(model: RWKVX, ctx_len: int) -> float:
 
     Forward: 2 per weight of every matrix product (embedding lookup excluded, head included), the
     WKV recurrence (about 4 N^2 per head per token: decay+rank-1 update, v k^T, S r), and for each
-    attention block q.k and p.v over the keys a token attends: min(ctx, chunk_size * topk) / 2 on
-    average for the causal own chunk plus full past chunks (an upper bound of the sparse work).
+    attention block q.k and p.v over min(ctx, chunk_size * topk) keys per token: an upper bound,
+    since causal masking makes the own chunk (and short contexts) cheaper.
     """
     cfg = model.cfg
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("emb."))

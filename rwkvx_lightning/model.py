@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from functools import partial
 from dataclasses import dataclass
 from typing import Optional
 
@@ -62,6 +63,8 @@ class ModelConfig:
                 raise ValueError(f"model.{key} must be one of {BACKENDS}, got {getattr(self, key)!r}")
         if self.attn_init not in ATTN_INITS:
             raise ValueError(f"model.attn_init must be one of {ATTN_INITS}, got {self.attn_init!r}")
+        if self.attn_init == "copy" and self.attn_positions is not None and 0 in self.attn_positions:
+            raise ValueError("model.attn_init='copy' copies from the preceding RWKV block, but model.attn_positions puts attention first")
         if self.attn_positions is not None:
             positions = list(self.attn_positions)
             total = self.n_layer + len(positions)
@@ -190,8 +193,9 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (iclr - 1) * self.k_a)
 
-        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        y, final_state = self._wkv(heads(r), heads(log_decay.to(r.dtype)), heads(k), heads(v), heads(-kk), heads(kk * iclr), wkv_state)
+        # one dtype for all recurrence inputs: under autocast the fp32 parameters promote k, v, a, b
+        heads = lambda t: t.to(r.dtype).view(B, T, H, N)  # noqa: E731
+        y, final_state = self._wkv(heads(r), heads(log_decay), heads(k), heads(v), heads(-kk), heads(kk * iclr), wkv_state)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         y = y + ((heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)).view(B, T, C)
         return self.output(y * g), v_first, x[:, -1], final_state
@@ -341,8 +345,6 @@ class RWKVX(nn.Module):
 
     def copy_init_attention(self) -> None:
         for block, p in zip(self.attn_blocks, self._preceding_rwkv_layers()):
-            if p < 0:
-                raise ValueError("model.attn_init='copy' needs an RWKV block before every attention block; the first block is attention")
             block.copy_from(self.blocks[p])
 
     def forward(self, idx: torch.Tensor, state: Optional[list] = None, return_state: bool = False):
@@ -355,30 +357,20 @@ class RWKVX(nn.Module):
             raise NotImplementedError("recurrent state is only kept for pure RWKV-7 models; attention blocks need the inference KV cache")
         if return_state and state is None:
             state = self.zero_state(idx.shape[0], idx.device)
-        x = self.emb(idx)
+        x = self.blocks[0].ln0(self.emb(idx))
         cu_seqlens = document_offsets(idx) if len(self.attn_blocks) else None
+        recompute = self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()
+        run = partial(checkpoint, use_reentrant=False) if recompute else (lambda block, *args: block(*args))
         v_first = None
         new_state = []
-        rwkv_i = attn_i = 0
+        rwkv_blocks, attn_blocks = iter(self.blocks), iter(self.attn_blocks)
         for kind in self.block_kinds:
             if kind == "rwkv":
-                block = self.blocks[rwkv_i]
-                if rwkv_i == 0:
-                    x = block.ln0(x)
-                layer_state = state[rwkv_i] if state is not None else None
-                if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
-                    x, v_first, layer_state = checkpoint(block, x, v_first, layer_state, use_reentrant=False)
-                else:
-                    x, v_first, layer_state = block(x, v_first, layer_state)
+                layer_state = state[len(new_state)] if state is not None else None
+                x, v_first, layer_state = run(next(rwkv_blocks), x, v_first, layer_state)
                 new_state.append(layer_state)
-                rwkv_i += 1
             else:
-                block = self.attn_blocks[attn_i]
-                if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
-                    x = checkpoint(block, x, cu_seqlens, use_reentrant=False)
-                else:
-                    x = block(x, cu_seqlens)
-                attn_i += 1
+                x = run(next(attn_blocks), x, cu_seqlens)
         logits = self.head(self.ln_out(x))
         return (logits, new_state) if return_state else logits
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from rwkvx_lightning.callbacks import AtomicCheckpointIO, TrainingMetrics
 from rwkvx_data.format import read_manifest
-from rwkvx_lightning.config import Config, ConfigError, check_resumable, to_yaml
+from rwkvx_lightning.config import Config, ConfigError, check_resumable, load_config_from_yaml, to_yaml
 from rwkvx_lightning.data import ShardDataModule
 from rwkvx_lightning.model import RWKVX
 from rwkvx_lightning.module import RWKVXModule
@@ -36,16 +37,32 @@ def resolve_precision(cfg: Config, accelerator: str) -> str:
     return cfg.trainer.precision
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create run.dir, refuse one holding another run's config, write the resolved config (atomically)."""
+def launch_rank(cfg: Config) -> int:
+    """This process's global rank before the Trainer exists (torchrun, SLURM, or Lightning's own launcher)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return int(os.environ.get("NODE_RANK", 0)) * cfg.trainer.devices + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def prepare_run_dir(cfg: Config, tokens_per_step: int) -> Path:
+    """Create run.dir, refuse one holding another run's config, and (rank 0) write the resolved config.
+
+    The cosine length is fixed in tokens at the first start (from trainer.max_steps unless set),
+    so extending a run with a larger trainer.max_steps later does not move its schedule.
+    """
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG_NAME
-    if path.exists():
+    saved = load_config_from_yaml(path.read_text()) if path.exists() else None
+    if cfg.optim.schedule == "cosine" and cfg.optim.decay_tokens is None:
+        cfg.optim.decay_tokens = (saved and saved.optim.decay_tokens) or cfg.trainer.max_steps * tokens_per_step
+    if saved is not None:
         check_resumable(path.read_text(), cfg, str(run_dir))
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    if launch_rank(cfg) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{CONFIG_NAME}.tmp-{os.getpid()}")
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(path)
     return run_dir
 
 
@@ -57,7 +74,7 @@ def build_model(cfg: Config) -> RWKVX:
 
 def last_checkpoint(run_dir: Path) -> Optional[Path]:
     path = run_dir / "checkpoints" / LAST
-    return path if path.is_file() else None
+    return path if path.exists() else None  # a file, or a directory for DeepSpeed
 
 
 def check_data(cfg: Config) -> None:
@@ -73,16 +90,15 @@ def check_data(cfg: Config) -> None:
 def train(cfg: Config, extra_callbacks: Optional[list] = None) -> L.Trainer:
     """Train per `cfg`; running it again with the same run.dir continues from its last checkpoint."""
     check_data(cfg)
-    run_dir = prepare_run_dir(cfg)
+    t, d = cfg.trainer, cfg.data
+    tokens_per_step = d.batch_size * d.ctx_len * t.accumulate_grad_batches * t.devices * t.num_nodes
+    run_dir = prepare_run_dir(cfg, tokens_per_step)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     accelerator = resolve_accelerator(cfg)
     if accelerator == "gpu":
         torch.set_float32_matmul_precision("high")
     else:
         torch.set_flush_denormal(True)  # subnormal floats in CPU kernels slowed steps by up to 10x
-    t, d = cfg.trainer, cfg.data
-    world = t.devices * t.num_nodes
-    tokens_per_step = d.batch_size * d.ctx_len * t.accumulate_grad_batches * world
 
     datamodule = ShardDataModule(d, seed=cfg.seed)
     model = build_model(cfg)

@@ -94,9 +94,10 @@ def test_from_rwkv7_rejects_mismatched_config(tmp_path):
         RWKVX.from_rwkv7(tmp_path / "rwkv7.pth", ModelConfig(vocab_size=512, n_embd=256, n_layer=3))
 
 
-def test_parallel_forward_equals_token_by_token_recurrence():
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_parallel_forward_equals_token_by_token_recurrence(backend):
     torch.manual_seed(0)
-    model = RWKVX.from_rwkv7_state_dict(blinkdl_checkpoint(seed=3)).eval()
+    model = RWKVX.from_rwkv7_state_dict(blinkdl_checkpoint(seed=3), wkv_backend=backend).eval()
     idx = torch.randint(0, 512, (2, 33))
     with torch.no_grad():
         parallel = model(idx)

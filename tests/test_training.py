@@ -132,3 +132,27 @@ def test_checkpoint_killed_mid_save_leaves_previous_usable(tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_schedule_length_is_fixed_at_first_start(tmp_path, shards):
+    """Extending a run (larger trainer.max_steps) must not move its cosine schedule."""
+    from rwkvx_lightning.train import prepare_run_dir
+
+    first = tiny_config(tmp_path / "run", shards)
+    prepare_run_dir(first, tokens_per_step=64)
+    assert first.optim.decay_tokens == 8 * 64
+    extended = tiny_config(tmp_path / "run", shards, **{"trainer.max_steps": 20})
+    prepare_run_dir(extended, tokens_per_step=64)
+    assert extended.optim.decay_tokens == 8 * 64
+    assert "decay_tokens: 512" in (tmp_path / "run/config.yaml").read_text()
+
+
+def test_only_rank_zero_writes_the_run_config(tmp_path, shards, monkeypatch):
+    from rwkvx_lightning.train import prepare_run_dir
+
+    monkeypatch.setenv("RANK", "1")
+    prepare_run_dir(tiny_config(tmp_path / "run", shards), tokens_per_step=64)
+    assert not (tmp_path / "run/config.yaml").exists()
+    monkeypatch.setenv("RANK", "0")
+    prepare_run_dir(tiny_config(tmp_path / "run", shards), tokens_per_step=64)
+    assert (tmp_path / "run/config.yaml").exists()
