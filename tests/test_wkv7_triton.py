@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 import rwkvx_kernels.wkv7 as wkv7_pkg  # noqa: E402
+from rwkvx_kernels import dispatch  # noqa: E402
 from rwkvx_kernels.wkv7 import wkv7, wkv7_naive  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -221,7 +222,7 @@ def test_gpu_long_sequence_finite(fn):
 
 def test_fallback_to_naive_for_float64():
     xs, h0 = make_inputs(1, 4, 1, dtype=torch.float64, state=True)
-    wkv7_pkg._warned.clear()
+    dispatch._warned.clear()
     with pytest.warns(UserWarning, match="PyTorch reference"):
         y, ht = wkv7(*xs, initial_state=h0.double(), output_final_state=True)
     assert wkv7_pkg.last_backend() == "naive" and y.dtype == torch.float64

@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import os
-import warnings
-
+from ..dispatch import triton_unavailable, warn_fallback
 from .decode import ChunkedKVCache
 from .naive import chunk_selection, sparse_attention_dense_mask, sparse_attention_naive
 
@@ -27,7 +25,6 @@ __all__ = [
     "last_backend",
 ]
 
-_warned: set[str] = set()
 _last = {"backend": None}
 
 
@@ -37,19 +34,9 @@ def last_backend():
 
 
 def _fallback_reason(q) -> str | None:
-    import torch
-
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({e})"
-    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return f"dtype {q.dtype} (the Triton kernels take bf16/fp16/fp32)"
     if q.dim() == 4 and q.shape[-1] > 128:
         return f"head size {q.shape[-1]} > 128"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"tensors on {q.device.type} and TRITON_INTERPRET != 1"
-    return None
+    return triton_unavailable(q)
 
 
 def sparse_attention(q, k, v, chunk_size: int, topk: int, cu_seqlens=None, *, backend: str | None = None,
@@ -66,10 +53,7 @@ def sparse_attention(q, k, v, chunk_size: int, topk: int, cu_seqlens=None, *, ba
     if backend is None:
         reason = _fallback_reason(q)
         if reason is not None:
-            if reason not in _warned:
-                _warned.add(reason)
-                warnings.warn(f"rwkvx_kernels.sparse_attention: using the PyTorch reference (slow): {reason}",
-                              stacklevel=2)
+            warn_fallback("sparse_attention", reason)
             backend = "naive"
         else:
             backend = "triton"

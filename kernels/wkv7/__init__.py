@@ -16,15 +16,12 @@ to `wkv7_naive` and warns once with the reason.
 
 from __future__ import annotations
 
-import os
-import warnings
-
+from ..dispatch import triton_unavailable, warn_fallback
 from .naive import wkv7_naive, wkv7_step
 from .torch_chunked import wkv7_torch_chunked
 
 __all__ = ["wkv7", "wkv7_naive", "wkv7_step", "wkv7_torch_chunked", "last_backend"]
 
-_warned: set[str] = set()
 _last = {"backend": None}
 
 
@@ -33,35 +30,19 @@ def last_backend():
     return _last["backend"]
 
 
-def _fallback_reason(r, cu_seqlens):
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({e})"
-    if r.dtype not in (_torch().bfloat16, _torch().float16, _torch().float32):
-        return f"dtype {r.dtype} (the Triton kernels compute in fp32 for bf16/fp16/fp32 inputs)"
+def _fallback_reason(r):
     if r.shape[-1] != 64:
         return f"head size {r.shape[-1]} (the Triton kernels support 64 only)"
     if r.shape[1] == 0:
         return "empty sequence"
-    if not r.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"tensors on {r.device.type} and TRITON_INTERPRET != 1"
-    return None
-
-
-def _torch():
-    import torch
-
-    return torch
+    return triton_unavailable(r)
 
 
 def wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False, backend=None):
     if backend != "naive":
-        reason = _fallback_reason(r, cu_seqlens)
+        reason = _fallback_reason(r)
         if reason is not None:
-            if reason not in _warned:
-                _warned.add(reason)
-                warnings.warn(f"rwkvx_kernels.wkv7: using the PyTorch reference (slow): {reason}", stacklevel=2)
+            warn_fallback("wkv7", reason)
             backend = "naive"
     if backend is None:
         backend = "chunk" if r.is_cuda else "fused_recurrent"
