@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 from functools import partial
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -400,8 +400,6 @@ class RWKVX(nn.Module):
         if cfg is None:
             cfg = ModelConfig(**{**found, **overrides})
         else:
-            from dataclasses import replace
-
             cfg = replace(cfg, **overrides)
             bad = {k: (getattr(cfg, k), v) for k, v in found.items() if getattr(cfg, k) != v}
             if bad:
