@@ -142,11 +142,15 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"group_chunks": 2}, id="grouped"),
         pytest.param({"group_chunks": 1, "fuse_out": True, "state_bv": 16}, id="grouped1-fused-bv16"),
         pytest.param({"group_chunks": 0, "fuse_out": True, "state_bv": 64}, id="fused-bv64"),
+        pytest.param({"checkpoint_chunks": 4}, id="checkpoints4"),
+        pytest.param({"checkpoint_chunks": 2, "state_bv": 32}, id="checkpoints2-bv32"),
+        pytest.param({"checkpoint_chunks": 3, "group_chunks": 2}, id="checkpoints3-grouped"),
     ],
 )
 @pytest.mark.parametrize("B,T,H,cu", [(2, 70, 1, None), (1, 90, 1, [0, 5, 75, 75, 90])], ids=["batch", "varlen"])
 def test_chunk_configs(cfg, B, T, H, cu):
-    """Two-level scan over groups of chunks (used when sequences x heads are few), y fused into the state pass."""
+    """Two-level scan over groups of chunks (used when sequences x heads are few), y fused into the state pass,
+    states saved for backward at other checkpoint intervals (restored from several checkpoints per sequence)."""
     from rwkvx_kernels.wkv7 import chunk
 
     old = dict(chunk.CONFIG)
@@ -156,6 +160,34 @@ def test_chunk_configs(cfg, B, T, H, cu):
     finally:
         chunk.CONFIG.clear()
         chunk.CONFIG.update(old)
+
+
+@pytest.mark.parametrize("ckpt,state_inputs", [(1, 4), (4, 1)], ids=["every-chunk", "every-4th-chunk"])
+def test_chunk_saved_for_backward(ckpt, state_inputs):
+    """Backward memory: the six inputs plus the chunk states, [T / 16, H, 64, 64] (four inputs' worth) by
+    default or [T / 64, H, 64, 64] (one input's worth) with checkpoint_chunks=4; both suffice for backward."""
+    from rwkvx_kernels.wkv7 import chunk
+
+    xs, _ = make_inputs(1, 128, 2)
+    xs = [x.requires_grad_(True) for x in xs]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    old = dict(chunk.CONFIG)
+    chunk.CONFIG["checkpoint_chunks"] = ckpt
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _ = chunk_wkv7(*xs)
+        y.sum().backward()
+    finally:
+        chunk.CONFIG.clear()
+        chunk.CONFIG.update(old)
+    saved_elems = sum(t.numel() for t in saved)
+    assert saved_elems == (6 + state_inputs) * xs[0].numel(), [tuple(t.shape) for t in saved]
+    assert all(torch.isfinite(x.grad).all() for x in xs)
 
 
 @pytest.mark.parametrize("fn", [chunk_wkv7, fused_recurrent_wkv7], ids=["chunk", "fused_recurrent"])

@@ -9,6 +9,8 @@ Every shape is T:H:chunk:topk (B = 1, head size 64, bf16 unless --dtype). On ide
   per --configs entry (launch parameters, see triton_topk.CONFIG_GPU);
 - sdpa: dense causal `scaled_dot_product_attention`, flash backend (skipped above --dense-max-T:
   the estimate from quadratic scaling of the last measured shape is printed instead);
+- sdpa_cudnn: the same dense attention through the cuDNN backend (T <= --cudnn-max-T), the faster dense
+  kernel on Hopper; ours' rows note the speed-up against it too;
 - flex: FlexAttention with OUR selection expressed as a block mask (built from the selected chunk
   indices, excluded from the timing) plus a mask_mod reading those indices (T in --flex-T only);
 - the relative error (norm of difference / norm of reference) of the output and of dq, dk, dv
@@ -219,6 +221,14 @@ def bench_shape(T, H, cs, topk, args, dense_est):
         if "fwdbwd" in row:
             dense_est["T"], dense_est["ms"] = T, row["fwdbwd"]
         rows.append(row)
+        if T <= args.cudnn_max_T:  # the other fused dense kernel PyTorch ships (faster than flash on Hopper)
+            def fwd_cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh)
+
+            row = measure("sdpa_cudnn", fwd_cudnn, dense_iters, dense_warm, doh)
+            row.pop("result", None)
+            rows.append(row)
     else:
         est = dense_est["ms"] * (T / dense_est["T"]) ** 2 if dense_est else float("nan")
         rows.append({"method": "sdpa", "error": f"skipped (T > --dense-max-T); quadratic estimate {est:.0f} ms",
@@ -306,6 +316,8 @@ def main(argv=None):
     p.add_argument("--configs", nargs="*", type=json.loads, default=[{}],
                    help="JSON launch-parameter overrides for ours, one timed row each")
     p.add_argument("--dense-max-T", type=int, default=262144, help="longest T for dense SDPA")
+    p.add_argument("--cudnn-max-T", type=int, default=65536,
+                   help="longest T for dense SDPA through the cuDNN backend (a second dense peer)")
     p.add_argument("--flex-T", nargs="*", type=int, default=[65536], help="T values at which to run FlexAttention")
     p.add_argument("--ref-max-T", type=int, default=65536, help="longest T for the float64 reference")
     p.add_argument("--ref-heads", type=int, default=1)
@@ -356,7 +368,7 @@ def main(argv=None):
                 print(f"decode ctx={ctx}: {'OOM' if is_oom(e) else repr(e)}", flush=True)
 
     print("\n" + "=" * 100)
-    print(f"{'shape':30s} {'method':9s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} {'x flex':>7s} "
+    print(f"{'shape':30s} {'method':10s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} {'x flex':>7s} "
           f"{'peak GiB':>9s} {'err':>9s}  note")
     by_shape = {}
     for row in table:
@@ -364,6 +376,7 @@ def main(argv=None):
     for shape, rows in by_shape.items():
         sdpa = next((r for r in rows if r["method"] == "sdpa"), {})
         flex = next((r for r in rows if r["method"] == "flex"), {})
+        cudnn = next((r for r in rows if r["method"] == "sdpa_cudnn"), {})
         sdpa_ms = sdpa.get("fwdbwd", sdpa.get("fwdbwd_est"))
         for r in rows:
             ms = r.get("fwdbwd")
@@ -372,7 +385,9 @@ def main(argv=None):
             note = r.get("error", "") or (json.dumps(r["config"]) if r.get("config") else "")
             if r["method"] != "sdpa" and x_sdpa and "fwdbwd" not in sdpa:
                 note = (note + " x sdpa vs estimate").strip()
-            print(f"{shape:30s} {r['method']:9s} {fmt(r.get('fwd')):>9s} {fmt(ms):>11s} {fmt(x_sdpa, '.1f'):>7s} "
+            if r["method"].startswith("ours") and ms and cudnn.get("fwdbwd"):
+                note = (note + f" {cudnn['fwdbwd'] / ms:.1f}x sdpa_cudnn").strip()
+            print(f"{shape:30s} {r['method']:10s} {fmt(r.get('fwd')):>9s} {fmt(ms):>11s} {fmt(x_sdpa, '.1f'):>7s} "
                   f"{fmt(x_flex, '.2f'):>7s} {fmt(r.get('peak')):>9s} {fmt(r.get('err'), '.1e'):>9s}  {note}")
     if decode_rows:
         base = decode_rows[0][1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import math
 
 import torch
@@ -72,6 +73,22 @@ def ours(backend):
     return call
 
 
+def configured(fn, cfg):
+    """`fn` run with chunk.CONFIG temporarily updated by `cfg`."""
+    if not cfg:
+        return fn
+    from rwkvx_kernels.wkv7 import chunk
+
+    def call(*args, **kwargs):
+        saved = dict(chunk.CONFIG)
+        chunk.CONFIG.update(cfg)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            chunk.CONFIG.clear()
+            chunk.CONFIG.update(saved)
+
+    return call
 
 
 def bench_one(fn, xs, iters):
@@ -144,6 +161,37 @@ def sweep(xs, iters):
                 print(f"      {key}={val!s:5}  failed: {e!r}")
     chunk.CONFIG.clear()
     chunk.CONFIG.update(base)
+
+
+def profile_kernels(fn, xs, iters=3):
+    """Print the CUDA time per kernel (ms per fwd+bwd call) of `fn`, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+    dy = torch.randn_like(xs[3])
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        y, _ = fn(*leaves)
+        y.backward(dy)
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            rows.append((t / 1000 / iters, e.count // iters, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"    kernels (ms per fwd+bwd, sum {total:.2f}):")
+    for t, n, key in rows[:12]:
+        print(f"      {t:8.3f} ms  x{n:<3} {key[:70]}")
 
 
 def compile_only(arch=90):
@@ -220,6 +268,10 @@ def main(argv=None):
     p.add_argument("--ref-H", type=int, default=4)
     p.add_argument("--no-recurrent", action="store_true", help="skip the sequential kernel")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print our chunk kernel's per-kernel times")
+    p.add_argument("--no-fla", action="store_true", help="skip fla (its first call autotunes for minutes)")
+    p.add_argument("--config", nargs="*", type=json.loads, default=[{}],
+                   help="chunk.CONFIG overrides, one JSON object per variant, e.g. '{\"state_warps\": 2}'")
     p.add_argument("--compile-only", action="store_true", help="compile all kernels for sm_90, no GPU needed")
     args = p.parse_args(argv)
     if args.compile_only:
@@ -228,10 +280,12 @@ def main(argv=None):
         raise SystemExit("bench_wkv7 needs a CUDA device")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
 
-    impls = {"chunk": ours("chunk")}
+    impls = {}
+    for cfg in args.config:
+        impls["chunk" + (json.dumps(cfg, separators=(",", ":")) if cfg else "")] = configured(ours("chunk"), cfg)
     if not args.no_recurrent:
         impls["fused_recurrent"] = ours("fused_recurrent")
-    fla, why = fla_fn()
+    fla, why = (None, "--no-fla") if args.no_fla else fla_fn()
     if fla is None:
         print(f"[fla skipped: {why}]")
     else:
@@ -263,6 +317,11 @@ def main(argv=None):
         for name, (f, fb, yerr, gerr) in results.items():
             ratio = f"{fla_fb / fb:6.2f}x" if fla_fb else "   n/a"
             print(f"{f'{B}x{T}x{H}':>16} {name:>16} {f:9.3f} {fb:11.3f} {ratio:>7} {yerr:9.2e} {gerr:12.2e}")
+        if args.profile:
+            for name, fn in impls.items():
+                if name.startswith("chunk"):
+                    print(f"  {name}:")
+                    profile_kernels(fn, xs)
         if args.sweep:
             sweep(xs, args.iters)
         del xs

@@ -39,8 +39,10 @@ Kernels (grid):
   the identity (rows N..2N of an "augmented" state) to get each group's affine map S -> S P + X,
   _scan_kernel walks the groups (S <- S P + X, a 64x64 product per group), and the per-chunk walk
   restarts in parallel from every group's entering state.
-Saved for backward: the inputs and the per-chunk states [n_chunks, H, 64, 64] (fp32 for fp32 inputs,
-bf16 for bf16/fp16 inputs by default, as fla does); everything else is recomputed.
+Saved for backward: the inputs and the chunk states ([n_chunks, H, 64, 64], fp32 for fp32 inputs, bf16
+for bf16/fp16 inputs: four bf16 inputs' worth), or with CONFIG["checkpoint_chunks"] = c only every c-th
+of them, the others restored in backward (_restore_states: short walks from every checkpoint, in
+parallel); everything else is recomputed.
 """
 
 from __future__ import annotations
@@ -58,14 +60,21 @@ BT = 16  # chunk length
 # for the matrix products, "auto" = ieee for fp32 inputs and tf32 for bf16/fp16.
 CONFIG = {
     "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
-    "state_bv": 32,  # value rows per program in the two sequential state passes
-    "state_warps": 4,
-    "chunk_warps": 4,
-    "grad_warps": 4,  # 20.8 vs 27.7 ms fwd+bwd at 8x4096x64 on an H200 (docs/benchmarks.md sweep)
+    # Defaults from the H100 sweep in docs/benchmarks.md (2026-11-28).
+    "state_bv": 64,  # value rows per program in the two sequential state passes
+    "state_warps": 2,
+    "chunk_warps": 1,  # the per-chunk parallel kernels (_prep, _fwd_out)
+    "grad_warps": 4,
+    "scan_bv": 32,  # the group scan of the two-level pass (a 64x64 fp32 product per group)
+    "scan_warps": 4,
     "fuse_out": False,  # compute y inside the forward state pass (else a separate parallel kernel)
     # per-chunk states kept for backward: "fp32", "bf16" (half the memory traffic, like fla), or
     # "auto" = bf16 for bf16/fp16 inputs, fp32 for fp32 inputs
     "state_dtype": "auto",
+    # Every checkpoint_chunks-th chunk state is saved for backward. 1 (default): all of them, bf16, four
+    # inputs' worth of memory, fastest. 4: one [64, 64] state per 64 tokens (one input's worth); backward
+    # restores the others (_restore_states), +2.9 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
+    "checkpoint_chunks": 1,
     # The sequential passes over chunks can be split into groups of chunks (two-level scan: each
     # group's affine map S -> S P + X in parallel, a short scan over groups, then the chunks again
     # in parallel), which pays off when sequences x heads cannot fill the GPU. "auto" picks the
@@ -126,6 +135,21 @@ def _inv_unit_lower(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
 
 
 @triton.jit
+def _wy(w_c, k_c, a_c, b_c, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk's cumulative log decay G and its WY factors W = M at, Q = M Aak (module docstring)."""
+    o_t = tl.arange(0, BT)
+    G = tl.cumsum(w_c, axis=0)
+    at = a_c * tl.exp(G - w_c)
+    bh = b_c * tl.exp(-G)
+    kh = k_c * tl.exp(-G)
+    strict = o_t[:, None] > o_t[None, :]
+    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision="ieee"), 0.0)
+    Aak = tl.where(strict, tl.dot(at, tl.trans(kh), input_precision=PREC), 0.0)
+    M = _inv_unit_lower(Aab, BT, LOG2_BT)
+    return G, tl.dot(M, at, input_precision=PREC), tl.dot(M, Aak, input_precision=PREC)
+
+
+@triton.jit
 def _prep_kernel(
     w, k, a, b, Wbuf, Qbuf, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
@@ -140,16 +164,7 @@ def _prep_kernel(
     k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
     a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
     b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
-    G = tl.cumsum(w_c, axis=0)
-    at = a_c * tl.exp(G - w_c)
-    bh = b_c * tl.exp(-G)
-    kh = k_c * tl.exp(-G)
-    strict = o_t[:, None] > o_t[None, :]
-    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision="ieee"), 0.0)
-    Aak = tl.where(strict, tl.dot(at, tl.trans(kh), input_precision=PREC), 0.0)
-    M = _inv_unit_lower(Aab, BT, LOG2_BT)
-    Wm = tl.dot(M, at, input_precision=PREC)
-    Qm = tl.dot(M, Aak, input_precision=PREC)
+    _, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC)
     base = i_c.to(tl.int64) * H + i_h
     tl.store(Wbuf + base * BT * N + o_t[:, None] * N + o_k[None, :], Wm)
     tl.store(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :], Qm)
@@ -211,7 +226,7 @@ def _fwd_state_kernel(
     if AUG:
         S = ((o_v[:, None] - N) == o_k[None, :]).to(tl.float32)
     elif GROUPED:
-        S = tl.load(gstates + gbase * N * N + o_s, mask=active, other=0.0)
+        S = tl.load(gstates + gbase * N * N + o_s, mask=active, other=0.0).to(tl.float32)
     elif USE_H0:
         S = tl.load(h0 + i_nh.to(tl.int64) * N * N + o_s).to(tl.float32)
     else:
@@ -500,17 +515,34 @@ def _pick_group(progs, max_chunks, slots):
     return best if best_cost < 0.8 * waves(progs) * max_chunks else 0
 
 
+class _Grouping:
+    """Sequences cut into groups of GC chunks: the group-indexed buffers' layout for the kernels."""
+
+    def __init__(self, n, NT, gc, is_varlen, device):
+        ng = (n + gc - 1) // gc
+        self.GC, self.NG = gc, (NT + gc - 1) // gc  # NG: groups per sequence of a fixed-length batch
+        self.max_groups = int(ng.max()) if len(ng) else 1
+        self.total = int(ng.sum())
+        self.offsets = None  # first group of every sequence (packed documents only)
+        if is_varlen:
+            go = torch.zeros(len(ng) + 1, dtype=torch.int64)
+            go[1:] = torch.cumsum(ng, 0)
+            self.offsets = go.to(device=device, dtype=torch.int32)
+
+
 class _Plan:
     """Chunk / group bookkeeping for one call (fixed-length batch or packed documents)."""
 
     def __init__(self, B, T, H, N, cu_seqlens, device):
         self.T, self.H, self.N = T, H, N
         self.cu = cu_seqlens
+        self.device = device
         self.is_varlen = cu_seqlens is not None
         if cu_seqlens is None:
             self.NS, self.NT = B, triton.cdiv(T, BT)
             n = torch.full((B,), self.NT, dtype=torch.int64)
             self.indices = self.chunk_offsets = None
+            offsets = torch.arange(B + 1, dtype=torch.int64) * self.NT
         else:
             lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
             n = (lens + BT - 1) // BT
@@ -521,32 +553,40 @@ class _Plan:
             idx = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(n)
             self.indices = torch.stack([seq, idx], 1).to(device=device, dtype=torch.int32).contiguous()
             self.chunk_offsets = offsets.to(device=device, dtype=torch.int32)
+        self.n, self.first_chunk = n, offsets[:-1]
         self.total = int(n.sum())
-        max_chunks = int(n.max()) if len(n) else 0
-        self.bv = CONFIG["state_bv"]
+        self.max_chunks = int(n.max()) if len(n) else 0
+        self.cfg = cfg = dict(CONFIG)  # one snapshot, so backward launches like its forward
+        self.bv = cfg["state_bv"]
         # Two-level scan for the sequential passes when (sequences x heads) cannot fill the GPU.
-        gc = CONFIG["group_chunks"]
+        gc = cfg["group_chunks"]
         if gc == "auto":
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-            gc = _pick_group(self.NS * H * (N // self.bv), max_chunks, CONFIG["programs_per_sm"] * sms)
+            gc = _pick_group(self.NS * H * (N // self.bv), self.max_chunks, cfg["programs_per_sm"] * sms)
         gc = int(gc)
-        self.grouped = 0 < gc < max_chunks
-        if self.grouped:
-            ng = (n + gc - 1) // gc
-            self.GC, self.NG, self.max_groups = gc, (self.NT + gc - 1) // gc, int(ng.max())
-            self.total_groups = int(ng.sum())
-            if self.is_varlen:
-                go = torch.zeros(len(ng) + 1, dtype=torch.int64)
-                go[1:] = torch.cumsum(ng, 0)
-                self.group_offsets = go.to(device=device, dtype=torch.int32)
-            else:
-                self.group_offsets = None
-        else:
-            self.GC, self.NG, self.max_groups, self.total_groups = max(max_chunks, 1), 1, 1, 0
-            self.group_offsets = None
+        self.grouped = 0 < gc < self.max_chunks
+        self.groups = self.grouping(gc) if self.grouped else None
+        ck = int(cfg["checkpoint_chunks"])
+        if ck < 1:
+            raise ValueError(f"CONFIG['checkpoint_chunks'] must be >= 1, got {ck}")
+        self.ckpt = self.grouping(ck) if ck > 1 and self.total else None
 
-    def seq_args(self):
-        return (self.cu, self.chunk_offsets, self.group_offsets, self.T, self.NT, self.NG, self.GC)
+    def grouping(self, gc):
+        return _Grouping(self.n, self.NT, gc, self.is_varlen, self.device)
+
+    def seq_args(self, groups="plan"):
+        """The sequence/group arguments of the sequential kernels, for the plan's own two-level scan
+        (default), for another grouping, or (None) for plain whole-sequence walks."""
+        g = self.groups if groups == "plan" else groups
+        if g is None:
+            return (self.cu, self.chunk_offsets, None, self.T, self.NT, 1, max(self.max_chunks, 1))
+        return (self.cu, self.chunk_offsets, g.offsets, self.T, self.NT, g.NG, g.GC)
+
+    def checkpoint_index(self):
+        """Rows of the per-chunk state buffer that start a checkpoint group, in group order."""
+        ck = self.ckpt.GC
+        idx = [torch.arange(int(c0), int(c0 + n), ck) for c0, n in zip(self.first_chunk, self.n) if n > 0]
+        return torch.cat(idx).to(self.device)
 
 
 def _prep(w, k, a, b, plan):
@@ -557,20 +597,20 @@ def _prep(w, k, a, b, plan):
         _prep_kernel[(plan.total, H)](
             w, k, a, b, Wbuf, Qbuf, plan.cu, plan.indices, plan.T, plan.NT,
             H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen,
-            PREC=_prec(w), num_warps=CONFIG["chunk_warps"],
+            PREC=_prec(w, plan.cfg), num_warps=plan.cfg["chunk_warps"],
         )
     return Wbuf, Qbuf
 
 
-def _prec(x):
-    p = CONFIG["dot_precision"]
+def _prec(x, cfg):
+    p = cfg["dot_precision"]
     if p == "auto":
         return "ieee" if x.dtype == torch.float32 else "tf32"
     return p
 
 
-def _state_dtype(x):
-    sd = CONFIG["state_dtype"]
+def _state_dtype(x, cfg):
+    sd = cfg["state_dtype"]
     if sd == "auto":
         return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[sd]
@@ -579,28 +619,25 @@ def _state_dtype(x):
 def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states=True):
     B, T, H, N = r.shape
     plan = _Plan(B, T, H, N, cu_seqlens, r.device)
-    dev, prec, bv = r.device, _prec(r), plan.bv
+    dev, prec, bv = r.device, _prec(r, plan.cfg), plan.bv
     Wbuf, Qbuf = _prep(w, k, a, b, plan)
-    fuse = bool(CONFIG["fuse_out"])
+    fuse = bool(plan.cfg["fuse_out"])
     store_states = need_states or not fuse
-    states = torch.empty(max(plan.total, 1), H, N, N, dtype=_state_dtype(r), device=dev) if store_states else None
+    states = torch.empty(max(plan.total, 1), H, N, N, dtype=_state_dtype(r, plan.cfg), device=dev) if store_states else None
     ht = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if output_final_state else None
     y = torch.empty_like(r)
-    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=CONFIG["state_warps"])
+    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["state_warps"])
     gstates = Xbuf = None
+    ngrid = plan.groups.max_groups if plan.grouped else 1
     if plan.grouped:
-        Xbuf = torch.empty(plan.total_groups, H, 2 * N, N, dtype=torch.float32, device=dev)
-        gstates = torch.empty(plan.total_groups, H, N, N, dtype=torch.float32, device=dev)
-        _fwd_state_kernel[(2 * N // bv, plan.NS * H, plan.max_groups)](
+        Xbuf = torch.empty(plan.groups.total, H, 2 * N, N, dtype=torch.float32, device=dev)
+        gstates = torch.empty(plan.groups.total, H, N, N, dtype=torch.float32, device=dev)
+        _fwd_state_kernel[(2 * N // bv, plan.NS * H, ngrid)](
             r, w, k, v, b, y, Wbuf, Qbuf, None, None, None, None, Xbuf, *plan.seq_args(),
             USE_H0=False, STORE_HT=False, STORE_STATES=False, FUSE_OUT=False, GROUPED=True, AUG=True, **common,
         )
-        _scan_kernel[(N // bv, plan.NS * H)](
-            initial_state, ht, gstates, Xbuf, *plan.seq_args(), H=H, N=N, BT=BT, BV=bv,
-            USE_INIT=initial_state is not None, STORE_FINAL=output_final_state, REVERSE=False,
-            IS_VARLEN=plan.is_varlen, num_warps=CONFIG["state_warps"],
-        )
-    _fwd_state_kernel[(N // bv, plan.NS * H, plan.max_groups)](
+        _scan(initial_state, ht, gstates, Xbuf, plan, reverse=False)
+    _fwd_state_kernel[(N // bv, plan.NS * H, ngrid)](
         r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, gstates, Xbuf, *plan.seq_args(),
         USE_H0=initial_state is not None, STORE_HT=output_final_state and not plan.grouped,
         STORE_STATES=store_states, FUSE_OUT=fuse, GROUPED=plan.grouped, AUG=False, **common,
@@ -608,32 +645,57 @@ def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_sta
     if not fuse and plan.total:
         _fwd_out_kernel[(plan.total, H)](
             r, w, k, v, b, y, Wbuf, Qbuf, states, plan.cu, plan.indices, T, plan.NT,
-            H=H, N=N, BT=BT, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=CONFIG["chunk_warps"],
+            H=H, N=N, BT=BT, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["chunk_warps"],
         )
+    if need_states and plan.ckpt is not None:  # keep every checkpoint_chunks-th state only
+        states = states[plan.checkpoint_index()]
     return y, ht, states, plan
+
+
+def _scan(init, final, gstates, Xbuf, plan, reverse):
+    """The short sequential pass over the groups of the two-level scan."""
+    sbv = plan.cfg["scan_bv"]
+    _scan_kernel[(plan.N // sbv, plan.NS * plan.H)](
+        init, final, gstates, Xbuf, *plan.seq_args(), H=plan.H, N=plan.N, BT=BT, BV=sbv,
+        USE_INIT=init is not None, STORE_FINAL=final is not None, REVERSE=reverse,
+        IS_VARLEN=plan.is_varlen, num_warps=plan.cfg["scan_warps"],
+    )
+
+
+def _restore_states(r, w, k, v, b, Wbuf, Qbuf, ckpt, plan):
+    """Every chunk's entering state from the saved checkpoints: the forward state pass again, one short
+    walk of checkpoint_chunks chunks per checkpoint, all in parallel."""
+    H, N, bv = plan.H, plan.N, plan.bv
+    states = torch.empty(plan.total, H, N, N, dtype=ckpt.dtype, device=r.device)
+    _fwd_state_kernel[(N // bv, plan.NS * H, plan.ckpt.max_groups)](
+        r, w, k, v, b, None, Wbuf, Qbuf, None, None, states, ckpt, None, *plan.seq_args(plan.ckpt),
+        H=H, N=N, BT=BT, BV=bv, USE_H0=False, STORE_HT=False, STORE_STATES=True, FUSE_OUT=False, GROUPED=True,
+        AUG=False, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg), num_warps=plan.cfg["state_warps"],
+    )
+    return states
 
 
 def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
     B, T, H, N = r.shape
-    dev, prec, bv = r.device, _prec(r), plan.bv
-    Wbuf, _ = _prep(w, k, a, b, plan)
+    dev, prec, bv = r.device, _prec(r, plan.cfg), plan.bv
+    Wbuf, Qbuf = _prep(w, k, a, b, plan)
+    if plan.ckpt is not None:
+        states = _restore_states(r, w, k, v, b, Wbuf, Qbuf, states, plan)
+    del Qbuf
     dstates = torch.empty_like(states)
     dh0 = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if need_dh0 else None
-    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=CONFIG["state_warps"])
+    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["state_warps"])
     gdstates = Xbuf = None
+    ngrid = plan.groups.max_groups if plan.grouped else 1
     if plan.grouped:
-        Xbuf = torch.empty(plan.total_groups, H, 2 * N, N, dtype=torch.float32, device=dev)
-        gdstates = torch.empty(plan.total_groups, H, N, N, dtype=torch.float32, device=dev)
-        _bwd_state_kernel[(2 * N // bv, plan.NS * H, plan.max_groups)](
+        Xbuf = torch.empty(plan.groups.total, H, 2 * N, N, dtype=torch.float32, device=dev)
+        gdstates = torch.empty(plan.groups.total, H, N, N, dtype=torch.float32, device=dev)
+        _bwd_state_kernel[(2 * N // bv, plan.NS * H, ngrid)](
             r, w, b, dy, Wbuf, None, None, None, None, Xbuf, *plan.seq_args(),
             USE_DHT=False, STORE_DH0=False, GROUPED=True, AUG=True, **common,
         )
-        _scan_kernel[(N // bv, plan.NS * H)](
-            dht, dh0, gdstates, Xbuf, *plan.seq_args(), H=H, N=N, BT=BT, BV=bv,
-            USE_INIT=dht is not None, STORE_FINAL=need_dh0, REVERSE=True,
-            IS_VARLEN=plan.is_varlen, num_warps=CONFIG["state_warps"],
-        )
-    _bwd_state_kernel[(N // bv, plan.NS * H, plan.max_groups)](
+        _scan(dht, dh0, gdstates, Xbuf, plan, reverse=True)
+    _bwd_state_kernel[(N // bv, plan.NS * H, ngrid)](
         r, w, b, dy, Wbuf, dht, dh0, dstates, gdstates, Xbuf, *plan.seq_args(),
         USE_DHT=dht is not None, STORE_DH0=need_dh0 and not plan.grouped, GROUPED=plan.grouped, AUG=False, **common,
     )
@@ -642,7 +704,7 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
         _bwd_grads_kernel[(plan.total, H)](
             r, w, k, v, a, b, dy, states, dstates, *grads, plan.cu, plan.indices, T, plan.NT,
             H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen, PREC=prec,
-            num_warps=CONFIG["grad_warps"],
+            num_warps=plan.cfg["grad_warps"],
         )
     return (*grads, dh0)
 
