@@ -145,7 +145,8 @@ def sweep(xs, iters):
         "state_warps": [2, 4, 8],
         "chunk_warps": [2, 4, 8],
         "grad_warps": [4, 8],
-        "dot_precision": ["tf32", "ieee"],
+        "dot_precision": ["tf32", "ieee", "bf16"],
+        "exact_precision": ["ieee", "tf32x3"],
     }
     fn = ours("chunk")
     print(f"    sweep (one knob at a time around {base}):")
@@ -233,8 +234,11 @@ def compile_only(arch=90):
         vl["seg_offsets"] = "*i64" if varlen else None
         base = {**ints, **vl, "Wbuf": f32, "Qbuf": f32, "h0": f32, "ht": f32, "gstates": f32, "Xbuf": f32,
                 "dht": f32, "dh0": f32, "gdstates": f32, "init": f32, "final": f32}
-        c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC="tf32")
+        c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC="tf32", EXACT="ieee")
         build(C._prep_kernel, base, c, 4, f"prep varlen={varlen}")
+        build(C._prep_kernel, base, {**c, "PREC": "bf16", "EXACT": "tf32x3"}, 1, f"prep bf16/tf32x3 varlen={varlen}")
+        build(C._bwd_grads_kernel, {**base, "states": "*bf16", "dstates": "*bf16"}, {**c, "PREC": "bf16", "EXACT": "tf32x3"},
+              4, f"bwd_grads bf16/tf32x3 varlen={varlen}")
         for sd in ("fp32", "bf16"):
             t = {**base, "states": f"*{sd}", "dstates": f"*{sd}"}
             for aug, grouped, fuse in [(False, False, True), (False, False, False), (True, True, False), (False, True, True)]:
@@ -246,11 +250,13 @@ def compile_only(arch=90):
                 build(C._bwd_state_kernel, t, c, 4, f"bwd_state aug={aug} grouped={grouped} {sd} varlen={varlen}")
             c = dict(H=H, N=N, BT=16, IS_VARLEN=varlen, PREC="tf32")
             build(C._fwd_out_kernel, t, c, 4, f"fwd_out {sd} varlen={varlen}")
-            c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC="tf32")
-            build(C._bwd_grads_kernel, t, c, 8, f"bwd_grads {sd} varlen={varlen}")
+            c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC="tf32", EXACT="ieee")
+            build(C._bwd_grads_kernel, t, c, 4, f"bwd_grads {sd} varlen={varlen}")
         for rev in (False, True):
-            c = dict(H=H, N=N, BT=16, BV=32, USE_INIT=True, STORE_FINAL=True, REVERSE=rev, IS_VARLEN=varlen)
-            build(C._scan_kernel, base, c, 4, f"scan reverse={rev} varlen={varlen}")
+            for exact in ("ieee", "tf32x3"):
+                c = dict(H=H, N=N, BT=16, BV=32, USE_INIT=True, STORE_FINAL=True, REVERSE=rev, IS_VARLEN=varlen,
+                         EXACT=exact)
+                build(C._scan_kernel, base, c, 4, f"scan reverse={rev} {exact} varlen={varlen}")
         t = {**base, "ckpt": f32, "scratch": f32, **dict.fromkeys(["dr", "dw", "dk", "da", "db"], f32)}
         c = dict(H=H, N=N, BV=16, SEG=16, USE_H0=True, STORE_HT=True, IS_VARLEN=varlen)
         build(F._wkv7_fwd_kernel, t, c, 2, f"fused_recurrent fwd varlen={varlen}")

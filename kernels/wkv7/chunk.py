@@ -16,7 +16,8 @@ Arb = lower(rt bh^T), Ark = lower(rt kh^T):
     S_BT = S_0 diag(e^{G_BT}) + U^T (bh e^{G_BT}) + V^T (kh e^{G_BT})
 
 M is the UT/WY form of the product of the BT (D + a b^T) factors; (I - Aab) is unit lower
-triangular and is inverted by repeated squaring, (I + A)(I + A^2)(I + A^4)(I + A^8), in exact fp32.
+triangular and is inverted by repeated squaring, (I + A)(I + A^2)(I + A^4)(I + A^8), in exact fp32
+(CONFIG["exact_precision"]).
 
 Numerics: e^{-G_s} grows like exp(0.6065 * 16) ~ 1.6e4 over a chunk when the decay sits at its
 model floor exp(w) = 0.545 (w = -exp(-0.5) sigmoid(.) >= -0.6065); all of that is well inside fp32
@@ -57,9 +58,13 @@ from .inputs import prepare_inputs
 
 BT = 16  # chunk length
 # Launch parameters (the benchmark sweeps them). dot_precision: "tf32" or "ieee" (exact fp32, slower)
-# for the matrix products, "auto" = ieee for fp32 inputs and tf32 for bf16/fp16.
+# for the matrix products, "bf16" (operands rounded to bf16: faster, less exact; not default until the
+# benchmark's error columns say it is safe), "auto" = ieee for fp32 inputs and tf32 for bf16/fp16.
 CONFIG = {
     "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
+    # The products that must stay fp32-exact (the WY inverse, the group scan): "ieee" (FMA loops) or
+    # "tf32x3" (three tf32 tensor-core products, near-fp32 accuracy; not yet timed on a GPU).
+    "exact_precision": "ieee",
     # Defaults from the H100 sweep in docs/benchmarks.md (2026-11-28).
     "state_bv": 64,  # value rows per program in the two sequential state passes
     "state_warps": 2,
@@ -120,14 +125,25 @@ def _store_rows(ptr, val, t0, eos, i_h, cols, H: tl.constexpr, N: tl.constexpr, 
 
 
 @triton.jit
-def _inv_unit_lower(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation: operands as tf32 or exact fp32 (PREC "tf32" / "ieee"), or rounded
+    to bf16 first (PREC "bf16": the tensor cores' fastest input, for the benchmark to weigh against
+    its error)."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _inv_unit_lower(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, EXACT: tl.constexpr):
     """(I - A)^{-1} for strictly lower-triangular A [BT, BT]: (I+A)(I+A^2)(I+A^4)... in exact fp32."""
     o = tl.arange(0, BT)
     M = (o[:, None] == o[None, :]).to(tl.float32) + A
     P = A
     for _ in tl.static_range(LOG2_BT - 1):
-        P = tl.dot(P, P, input_precision="ieee")
-        M = M + tl.dot(M, P, input_precision="ieee")
+        P = tl.dot(P, P, input_precision=EXACT)
+        M = M + tl.dot(M, P, input_precision=EXACT)
     return M
 
 
@@ -135,7 +151,7 @@ def _inv_unit_lower(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
 
 
 @triton.jit
-def _wy(w_c, k_c, a_c, b_c, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
+def _wy(w_c, k_c, a_c, b_c, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
     """One chunk's cumulative log decay G and its WY factors W = M at, Q = M Aak (module docstring)."""
     o_t = tl.arange(0, BT)
     G = tl.cumsum(w_c, axis=0)
@@ -143,17 +159,17 @@ def _wy(w_c, k_c, a_c, b_c, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.co
     bh = b_c * tl.exp(-G)
     kh = k_c * tl.exp(-G)
     strict = o_t[:, None] > o_t[None, :]
-    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision="ieee"), 0.0)
-    Aak = tl.where(strict, tl.dot(at, tl.trans(kh), input_precision=PREC), 0.0)
-    M = _inv_unit_lower(Aab, BT, LOG2_BT)
-    return G, tl.dot(M, at, input_precision=PREC), tl.dot(M, Aak, input_precision=PREC)
+    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision=EXACT), 0.0)
+    Aak = tl.where(strict, _dot(at, tl.trans(kh), PREC), 0.0)
+    M = _inv_unit_lower(Aab, BT, LOG2_BT, EXACT)
+    return G, _dot(M, at, PREC), _dot(M, Aak, PREC)
 
 
 @triton.jit
 def _prep_kernel(
     w, k, a, b, Wbuf, Qbuf, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
 ):
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -164,7 +180,7 @@ def _prep_kernel(
     k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
     a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
     b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
-    _, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC)
+    _, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC, EXACT)
     base = i_c.to(tl.int64) * H + i_h
     tl.store(Wbuf + base * BT * N + o_t[:, None] * N + o_k[None, :], Wm)
     tl.store(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :], Qm)
@@ -250,17 +266,17 @@ def _fwd_state_kernel(
         eGi = tl.exp(-G)
         eGC = tl.exp(gC)
         ST = tl.trans(S)
-        U = tl.dot(Wm, ST, input_precision=PREC) + tl.dot(Qm, v_c, input_precision=PREC)  # [BT, BV]
+        U = _dot(Wm, ST, PREC) + _dot(Qm, v_c, PREC)  # [BT, BV]
         if FUSE_OUT:
             rt = _load_rows(r, t0, eos, i_h, o_k, H, N, BT) * tl.exp(G)
-            Arb = tl.where(lower, tl.dot(rt, tl.trans(b_c * eGi), input_precision=PREC), 0.0)
-            Ark = tl.where(lower, tl.dot(rt, tl.trans(k_c * eGi), input_precision=PREC), 0.0)
-            Y = tl.dot(rt, ST, input_precision=PREC) + tl.dot(Arb, U, input_precision=PREC) \
-                + tl.dot(Ark, v_c, input_precision=PREC)
+            Arb = tl.where(lower, _dot(rt, tl.trans(b_c * eGi), PREC), 0.0)
+            Ark = tl.where(lower, _dot(rt, tl.trans(k_c * eGi), PREC), 0.0)
+            Y = _dot(rt, ST, PREC) + _dot(Arb, U, PREC) \
+                + _dot(Ark, v_c, PREC)
             tl.store(y + (rows[:, None] * H + i_h) * N + o_v[None, :], Y.to(y.dtype.element_ty), mask=rmask[:, None])
         e = eGi * eGC[None, :]
-        S = S * eGC[None, :] + tl.dot(tl.trans(U), b_c * e, input_precision=PREC) \
-            + tl.dot(tl.trans(v_c), k_c * e, input_precision=PREC)
+        S = S * eGC[None, :] + _dot(tl.trans(U), b_c * e, PREC) \
+            + _dot(tl.trans(v_c), k_c * e, PREC)
     if AUG:
         tl.store(Xbuf + gbase * 2 * N * N + o_s, S, mask=active)
     if STORE_HT:
@@ -272,6 +288,7 @@ def _scan_kernel(
     init, final, gstates, Xbuf, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC,
     H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     USE_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """Sequential pass over groups: S <- S P_g + X_g, storing the state entering every group.
 
@@ -300,7 +317,7 @@ def _scan_kernel(
         tl.store(gstates + gbase * N * N + o_s, S)
         X = tl.load(Xbuf + gbase * 2 * N * N + o_s)
         P = tl.load(Xbuf + gbase * 2 * N * N + o_p)
-        S = tl.dot(S, P, input_precision="ieee") + X
+        S = tl.dot(S, P, input_precision=EXACT) + X
     if STORE_FINAL:
         tl.store(final + i_nh.to(tl.int64) * N * N + o_s, S)
 
@@ -328,11 +345,11 @@ def _fwd_out_kernel(
     rt = r_c * tl.exp(G)
     eGi = tl.exp(-G)
     lower = o_t[:, None] >= o_t[None, :]
-    Arb = tl.where(lower, tl.dot(rt, tl.trans(b_c * eGi), input_precision=PREC), 0.0)
-    Ark = tl.where(lower, tl.dot(rt, tl.trans(k_c * eGi), input_precision=PREC), 0.0)
+    Arb = tl.where(lower, _dot(rt, tl.trans(b_c * eGi), PREC), 0.0)
+    Ark = tl.where(lower, _dot(rt, tl.trans(k_c * eGi), PREC), 0.0)
     S0T = tl.trans(S0)
-    U = tl.dot(Wm, S0T, input_precision=PREC) + tl.dot(Qm, v_c, input_precision=PREC)
-    Y = tl.dot(rt, S0T, input_precision=PREC) + tl.dot(Arb, U, input_precision=PREC) + tl.dot(Ark, v_c, input_precision=PREC)
+    U = _dot(Wm, S0T, PREC) + _dot(Qm, v_c, PREC)
+    Y = _dot(rt, S0T, PREC) + _dot(Arb, U, PREC) + _dot(Ark, v_c, PREC)
     _store_rows(y, Y, t0, eos, i_h, o_k, H, N, BT)
 
 
@@ -395,11 +412,11 @@ def _bwd_state_kernel(
         eGC = tl.exp(gC)
         rt = r_c * tl.exp(G)
         bh = b_c * tl.exp(-G)
-        Arb = tl.where(lower, tl.dot(rt, tl.trans(bh), input_precision=PREC), 0.0)
-        dU = tl.dot(tl.trans(Arb), dy_c, input_precision=PREC) \
-            + tl.dot(bh * eGC[None, :], tl.trans(dS), input_precision=PREC)
-        dS = dS * eGC[None, :] + tl.dot(tl.trans(dy_c), rt, input_precision=PREC) \
-            + tl.dot(tl.trans(dU), Wm, input_precision=PREC)
+        Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
+        dU = _dot(tl.trans(Arb), dy_c, PREC) \
+            + _dot(bh * eGC[None, :], tl.trans(dS), PREC)
+        dS = dS * eGC[None, :] + _dot(tl.trans(dy_c), rt, PREC) \
+            + _dot(tl.trans(dU), Wm, PREC)
     if AUG:
         tl.store(Xbuf + gbase * 2 * N * N + o_s, dS, mask=active)
     if STORE_DH0:
@@ -412,7 +429,7 @@ def _bwd_grads_kernel(
     dr, dw, dk, dv, da, db,
     cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
 ):
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -443,42 +460,42 @@ def _bwd_grads_kernel(
     kb = kh * eGC[None, :]
     strict = o_t[:, None] > o_t[None, :]
     lower = o_t[:, None] >= o_t[None, :]
-    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision="ieee"), 0.0)
-    Aak = tl.where(strict, tl.dot(at, tl.trans(kh), input_precision=PREC), 0.0)
-    Arb = tl.where(lower, tl.dot(rt, tl.trans(bh), input_precision=PREC), 0.0)
-    Ark = tl.where(lower, tl.dot(rt, tl.trans(kh), input_precision=PREC), 0.0)
-    M = _inv_unit_lower(Aab, BT, LOG2_BT)
-    Wm = tl.dot(M, at, input_precision=PREC)
-    Qm = tl.dot(M, Aak, input_precision=PREC)
+    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision=EXACT), 0.0)
+    Aak = tl.where(strict, _dot(at, tl.trans(kh), PREC), 0.0)
+    Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
+    Ark = tl.where(lower, _dot(rt, tl.trans(kh), PREC), 0.0)
+    M = _inv_unit_lower(Aab, BT, LOG2_BT, EXACT)
+    Wm = _dot(M, at, PREC)
+    Qm = _dot(M, Aak, PREC)
     # the two [N, N] tiles are loaded late and used up early (register pressure)
     S0 = tl.load(states + base * N * N + o_s).to(tl.float32)
     dS = tl.load(dstates + base * N * N + o_s).to(tl.float32)
     dgC_state = tl.sum(dS * S0, axis=0) * eGC
-    U = tl.dot(Wm, tl.trans(S0), input_precision=PREC) + tl.dot(Qm, v_c, input_precision=PREC)  # [BT, V]
+    U = _dot(Wm, tl.trans(S0), PREC) + _dot(Qm, v_c, PREC)  # [BT, V]
 
     # back through Y = rt S0^T + Arb U + Ark V and S_end = S0 e^{gC} + U^T bb + V^T kb, and through
     # U = W S0^T + Q V (every product with S0 or dS first, so that they die early)
-    dU = tl.dot(tl.trans(Arb), dy_c, input_precision=PREC) + tl.dot(bb, tl.trans(dS), input_precision=PREC)
-    dW = tl.dot(dU, S0, input_precision=PREC)
-    drt = tl.dot(dy_c, S0, input_precision=PREC)
-    dbb = tl.dot(U, dS, input_precision=PREC)
-    dkb = tl.dot(v_c, dS, input_precision=PREC)
-    dv_c = tl.dot(tl.trans(Ark), dy_c, input_precision=PREC) + tl.dot(kb, tl.trans(dS), input_precision=PREC) \
-        + tl.dot(tl.trans(Qm), dU, input_precision=PREC)
+    dU = _dot(tl.trans(Arb), dy_c, PREC) + _dot(bb, tl.trans(dS), PREC)
+    dW = _dot(dU, S0, PREC)
+    drt = _dot(dy_c, S0, PREC)
+    dbb = _dot(U, dS, PREC)
+    dkb = _dot(v_c, dS, PREC)
+    dv_c = _dot(tl.trans(Ark), dy_c, PREC) + _dot(kb, tl.trans(dS), PREC) \
+        + _dot(tl.trans(Qm), dU, PREC)
     _store_rows(dv, dv_c, t0, eos, i_h, o_k, H, N, BT)
-    dArb = tl.where(lower, tl.dot(dy_c, tl.trans(U), input_precision=PREC), 0.0)
-    dArk = tl.where(lower, tl.dot(dy_c, tl.trans(v_c), input_precision=PREC), 0.0)
-    drt += tl.dot(dArb, bh, input_precision=PREC) + tl.dot(dArk, kh, input_precision=PREC)
+    dArb = tl.where(lower, _dot(dy_c, tl.trans(U), PREC), 0.0)
+    dArk = tl.where(lower, _dot(dy_c, tl.trans(v_c), PREC), 0.0)
+    drt += _dot(dArb, bh, PREC) + _dot(dArk, kh, PREC)
     _store_rows(dr, drt * eG, t0, eos, i_h, o_k, H, N, BT)
     # back through W = M at, Q = M Aak, M = (I - Aab)^{-1}
-    dQ = tl.where(strict, tl.dot(dU, tl.trans(v_c), input_precision=PREC), 0.0)
+    dQ = tl.where(strict, _dot(dU, tl.trans(v_c), PREC), 0.0)
     MT = tl.trans(M)
-    dM = tl.dot(dW, tl.trans(at), input_precision=PREC) + tl.dot(dQ, tl.trans(Aak), input_precision=PREC)
-    dAak = tl.where(strict, tl.dot(MT, dQ, input_precision=PREC), 0.0)
-    dAab = tl.where(strict, tl.dot(tl.dot(MT, dM, input_precision=PREC), MT, input_precision=PREC), 0.0)
-    dat = tl.dot(MT, dW, input_precision=PREC) + tl.dot(dAab, bh, input_precision=PREC) + tl.dot(dAak, kh, input_precision=PREC)
-    dbh = tl.dot(tl.trans(dAab), at, input_precision=PREC) + tl.dot(tl.trans(dArb), rt, input_precision=PREC)
-    dkh = tl.dot(tl.trans(dAak), at, input_precision=PREC) + tl.dot(tl.trans(dArk), rt, input_precision=PREC)
+    dM = _dot(dW, tl.trans(at), PREC) + _dot(dQ, tl.trans(Aak), PREC)
+    dAak = tl.where(strict, _dot(MT, dQ, PREC), 0.0)
+    dAab = tl.where(strict, _dot(_dot(MT, dM, PREC), MT, PREC), 0.0)
+    dat = _dot(MT, dW, PREC) + _dot(dAab, bh, PREC) + _dot(dAak, kh, PREC)
+    dbh = _dot(tl.trans(dAab), at, PREC) + _dot(tl.trans(dArb), rt, PREC)
+    dkh = _dot(tl.trans(dAak), at, PREC) + _dot(tl.trans(dArk), rt, PREC)
 
     # back to the raw inputs; G enters through every e^{+-G} factor
     datat = dat * at
@@ -597,7 +614,7 @@ def _prep(w, k, a, b, plan):
         _prep_kernel[(plan.total, H)](
             w, k, a, b, Wbuf, Qbuf, plan.cu, plan.indices, plan.T, plan.NT,
             H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen,
-            PREC=_prec(w, plan.cfg), num_warps=plan.cfg["chunk_warps"],
+            PREC=_prec(w, plan.cfg), EXACT=plan.cfg["exact_precision"], num_warps=plan.cfg["chunk_warps"],
         )
     return Wbuf, Qbuf
 
@@ -658,7 +675,7 @@ def _scan(init, final, gstates, Xbuf, plan, reverse):
     _scan_kernel[(plan.N // sbv, plan.NS * plan.H)](
         init, final, gstates, Xbuf, *plan.seq_args(), H=plan.H, N=plan.N, BT=BT, BV=sbv,
         USE_INIT=init is not None, STORE_FINAL=final is not None, REVERSE=reverse,
-        IS_VARLEN=plan.is_varlen, num_warps=plan.cfg["scan_warps"],
+        IS_VARLEN=plan.is_varlen, EXACT=plan.cfg["exact_precision"], num_warps=plan.cfg["scan_warps"],
     )
 
 
@@ -704,7 +721,7 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
         _bwd_grads_kernel[(plan.total, H)](
             r, w, k, v, a, b, dy, states, dstates, *grads, plan.cu, plan.indices, T, plan.NT,
             H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen, PREC=prec,
-            num_warps=plan.cfg["grad_warps"],
+            EXACT=plan.cfg["exact_precision"], num_warps=plan.cfg["grad_warps"],
         )
     return (*grads, dh0)
 
