@@ -58,13 +58,15 @@ from .inputs import prepare_inputs
 
 BT = 16  # chunk length
 # Launch parameters (the benchmark sweeps them). dot_precision: "tf32" or "ieee" (exact fp32, slower)
-# for the matrix products, "bf16" (operands rounded to bf16: faster, less exact; not default until the
-# benchmark's error columns say it is safe), "auto" = ieee for fp32 inputs and tf32 for bf16/fp16.
+# for the matrix products, "bf16" (operands rounded to bf16: 14.2 -> 12.0 ms at 8x4096x64 on an H100,
+# but twice the error of tf32: gradients 6.4e-3 vs 3.1e-3, fla 4.0e-3), "auto" = ieee for fp32 inputs
+# and tf32 for bf16/fp16.
 CONFIG = {
     "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
-    # The products that must stay fp32-exact (the WY inverse, the group scan): "ieee" (FMA loops) or
-    # "tf32x3" (three tf32 tensor-core products, near-fp32 accuracy; not yet timed on a GPU).
-    "exact_precision": "ieee",
+    # The products that must stay fp32-exact (the WY inverse, the group scan): "ieee" (FMA loops),
+    # "tf32x3" (three tf32 tensor-core products, near-fp32 accuracy: 15.8 -> 14.2 ms at 8x4096x64 on
+    # an H100 with unchanged error), or "auto" = ieee for fp32 inputs, tf32x3 for bf16/fp16.
+    "exact_precision": "auto",
     # Defaults from the H100 sweep in docs/benchmarks.md (2026-11-28).
     "state_bv": 64,  # value rows per program in the two sequential state passes
     "state_warps": 2,
@@ -614,7 +616,7 @@ def _prep(w, k, a, b, plan):
         _prep_kernel[(plan.total, H)](
             w, k, a, b, Wbuf, Qbuf, plan.cu, plan.indices, plan.T, plan.NT,
             H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen,
-            PREC=_prec(w, plan.cfg), EXACT=plan.cfg["exact_precision"], num_warps=plan.cfg["chunk_warps"],
+            PREC=_prec(w, plan.cfg), EXACT=_exact(w, plan.cfg), num_warps=plan.cfg["chunk_warps"],
         )
     return Wbuf, Qbuf
 
@@ -623,6 +625,13 @@ def _prec(x, cfg):
     p = cfg["dot_precision"]
     if p == "auto":
         return "ieee" if x.dtype == torch.float32 else "tf32"
+    return p
+
+
+def _exact(x, cfg):
+    p = cfg["exact_precision"]
+    if p == "auto":
+        return "ieee" if x.dtype == torch.float32 else "tf32x3"
     return p
 
 
@@ -653,7 +662,7 @@ def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_sta
             r, w, k, v, b, y, Wbuf, Qbuf, None, None, None, None, Xbuf, *plan.seq_args(),
             USE_H0=False, STORE_HT=False, STORE_STATES=False, FUSE_OUT=False, GROUPED=True, AUG=True, **common,
         )
-        _scan(initial_state, ht, gstates, Xbuf, plan, reverse=False)
+        _scan(initial_state, ht, gstates, Xbuf, plan, reverse=False, exact=_exact(r, plan.cfg))
     _fwd_state_kernel[(N // bv, plan.NS * H, ngrid)](
         r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, gstates, Xbuf, *plan.seq_args(),
         USE_H0=initial_state is not None, STORE_HT=output_final_state and not plan.grouped,
@@ -669,13 +678,13 @@ def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_sta
     return y, ht, states, plan
 
 
-def _scan(init, final, gstates, Xbuf, plan, reverse):
+def _scan(init, final, gstates, Xbuf, plan, reverse, exact):
     """The short sequential pass over the groups of the two-level scan."""
     sbv = plan.cfg["scan_bv"]
     _scan_kernel[(plan.N // sbv, plan.NS * plan.H)](
         init, final, gstates, Xbuf, *plan.seq_args(), H=plan.H, N=plan.N, BT=BT, BV=sbv,
         USE_INIT=init is not None, STORE_FINAL=final is not None, REVERSE=reverse,
-        IS_VARLEN=plan.is_varlen, EXACT=plan.cfg["exact_precision"], num_warps=plan.cfg["scan_warps"],
+        IS_VARLEN=plan.is_varlen, EXACT=exact, num_warps=plan.cfg["scan_warps"],
     )
 
 
@@ -711,7 +720,7 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
             r, w, b, dy, Wbuf, None, None, None, None, Xbuf, *plan.seq_args(),
             USE_DHT=False, STORE_DH0=False, GROUPED=True, AUG=True, **common,
         )
-        _scan(dht, dh0, gdstates, Xbuf, plan, reverse=True)
+        _scan(dht, dh0, gdstates, Xbuf, plan, reverse=True, exact=_exact(r, plan.cfg))
     _bwd_state_kernel[(N // bv, plan.NS * H, ngrid)](
         r, w, b, dy, Wbuf, dht, dh0, dstates, gdstates, Xbuf, *plan.seq_args(),
         USE_DHT=dht is not None, STORE_DH0=need_dh0 and not plan.grouped, GROUPED=plan.grouped, AUG=False, **common,
@@ -721,7 +730,7 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
         _bwd_grads_kernel[(plan.total, H)](
             r, w, k, v, a, b, dy, states, dstates, *grads, plan.cu, plan.indices, T, plan.NT,
             H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen, PREC=prec,
-            EXACT=plan.cfg["exact_precision"], num_warps=plan.cfg["grad_warps"],
+            EXACT=_exact(w, plan.cfg), num_warps=plan.cfg["grad_warps"],
         )
     return (*grads, dh0)
 
