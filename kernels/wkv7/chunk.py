@@ -209,6 +209,45 @@ def _seq_bounds(i_n, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG,
 
 
 @triton.jit
+def _walk_span(cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC,
+               H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+               IS_VARLEN: tl.constexpr, GROUPED: tl.constexpr):
+    """What one program of a sequential pass (grid: row blocks x seqs*H x groups) walks: its sequence
+    and head, its chunks [c_lo, c_hi), its rows of the state (o_v, offsets o_s), whether it has
+    chunks at all (active) and its group's row in group-indexed buffers (gbase)."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_g = tl.program_id(2)
+    i_h = i_nh % H
+    bos, eos, c0, g0 = _seq_bounds(i_nh // H, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, IS_VARLEN,
+                                   GROUPED)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    c_lo = i_g * GC
+    c_hi = tl.minimum(c_lo + GC, n_chunks)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_s = o_v[:, None] * N + tl.arange(0, N)[None, :]
+    active = o_s < (n_chunks - c_lo) * (2 * N * N)  # [BV, N], all true iff this program has chunks to walk
+    gbase = (g0 + i_g) * H + i_h
+    return i_nh, i_h, bos, eos, c0, c_lo, c_hi, o_v, o_s, active, gbase
+
+
+@triton.jit
+def _walk_start(init, group_init, i_nh, gbase, o_v, o_s, active, N: tl.constexpr, BV: tl.constexpr,
+                USE_INIT: tl.constexpr, GROUPED: tl.constexpr, AUG: tl.constexpr):
+    """The carried [BV, N] rows at the start of a walk: the identity in rows N..2N (AUG), the group's
+    entering value (GROUPED), the sequence's initial value (USE_INIT), or zero; in fp32."""
+    if AUG:
+        S = ((o_v[:, None] - N) == tl.arange(0, N)[None, :]).to(tl.float32)
+    elif GROUPED:
+        S = tl.load(group_init + gbase * N * N + o_s, mask=active, other=0.0).to(tl.float32)
+    elif USE_INIT:
+        S = tl.load(init + i_nh.to(tl.int64) * N * N + o_s).to(tl.float32)
+    else:
+        S = tl.zeros([BV, N], dtype=tl.float32)
+    return S
+
+
+@triton.jit
 def _fwd_state_kernel(
     r, w, k, v, b, y, Wbuf, Qbuf, h0, ht, states, gstates, Xbuf,
     cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC,
@@ -223,32 +262,13 @@ def _fwd_state_kernel(
     Otherwise the walk starts from h0 (not GROUPED) or from the group's state gstates[g] and
     stores each chunk's entering state (STORE_STATES) and the chunk's output rows (FUSE_OUT).
     """
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_g = tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, eos, c0, g0 = _seq_bounds(i_n, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, IS_VARLEN, GROUPED)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    c_lo = i_g * GC
-    c_hi = tl.minimum(c_lo + GC, n_chunks)
-    o_v = i_v * BV + tl.arange(0, BV)
+    i_nh, i_h, bos, eos, c0, c_lo, c_hi, o_v, o_s, active, gbase = _walk_span(
+        cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC, H, N, BT, BV, IS_VARLEN, GROUPED)
     o_k = tl.arange(0, N)
     o_t = tl.arange(0, BT)
-    o_s = o_v[:, None] * N + o_k[None, :]
-    active = o_s < (n_chunks - c_lo) * (2 * N * N)  # [BV, N], all true iff this program has chunks to walk
     vmask = o_v < N
     lower = o_t[:, None] >= o_t[None, :]
-    gbase = (g0 + i_g) * H + i_h
-
-    if AUG:
-        S = ((o_v[:, None] - N) == o_k[None, :]).to(tl.float32)
-    elif GROUPED:
-        S = tl.load(gstates + gbase * N * N + o_s, mask=active, other=0.0).to(tl.float32)
-    elif USE_H0:
-        S = tl.load(h0 + i_nh.to(tl.int64) * N * N + o_s).to(tl.float32)
-    else:
-        S = tl.zeros([BV, N], dtype=tl.float32)
+    S = _walk_start(h0, gstates, i_nh, gbase, o_v, o_s, active, N, BV, USE_H0, GROUPED, AUG)
     for c in range(c_lo, c_hi):
         base = (c0 + c) * H + i_h
         if STORE_STATES:
@@ -369,32 +389,13 @@ def _bwd_state_kernel(
     """Reverse walk over the chunks of group i_g: dstates[chunk] = dL/dS at the chunk's end (from the
     future); per chunk  dS_0 = dS_end (diag(e^{gC}) + bb^T W) + (Arb^T dY)^T W + dY^T rt.
     AUG / GROUPED as in _fwd_state_kernel (here the group map is dS_start = dS_end P + X)."""
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_g = tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, eos, c0, g0 = _seq_bounds(i_n, cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, IS_VARLEN, GROUPED)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    c_lo = i_g * GC
-    c_hi = tl.minimum(c_lo + GC, n_chunks)
-    o_v = i_v * BV + tl.arange(0, BV)
+    i_nh, i_h, bos, eos, c0, c_lo, c_hi, o_v, o_s, active, gbase = _walk_span(
+        cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC, H, N, BT, BV, IS_VARLEN, GROUPED)
     o_k = tl.arange(0, N)
     o_t = tl.arange(0, BT)
-    o_s = o_v[:, None] * N + o_k[None, :]
-    active = o_s < (n_chunks - c_lo) * (2 * N * N)  # [BV, N], all true iff this program has chunks to walk
     vmask = o_v < N
     lower = o_t[:, None] >= o_t[None, :]
-    gbase = (g0 + i_g) * H + i_h
-
-    if AUG:
-        dS = ((o_v[:, None] - N) == o_k[None, :]).to(tl.float32)
-    elif GROUPED:
-        dS = tl.load(gdstates + gbase * N * N + o_s, mask=active, other=0.0)
-    elif USE_DHT:
-        dS = tl.load(dht + i_nh.to(tl.int64) * N * N + o_s).to(tl.float32)
-    else:
-        dS = tl.zeros([BV, N], dtype=tl.float32)
+    dS = _walk_start(dht, gdstates, i_nh, gbase, o_v, o_s, active, N, BV, USE_DHT, GROUPED, AUG)
     for ci in range(0, c_hi - c_lo):
         c = c_hi - 1 - ci
         base = (c0 + c) * H + i_h
