@@ -172,6 +172,24 @@ def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, T, H, NC,
 
 
 @triton.jit
+def _bucket_block(bucket, w, WS, OFFS, PERM, T, H, NC, K1: tl.constexpr, BM: tl.constexpr):
+    """Work item w of a bucket table (bucket >= 0): its batch*head, chunk, batch and head, and its BM
+    gathered (query, slot) pairs: pair ids, query tokens, flat [B*T*H] rows and the row mask."""
+    pstart = tl.load(WS + w)
+    pend = tl.load(OFFS + bucket + 1)
+    bh = bucket // NC
+    g = bucket % NC
+    b = bh // H
+    h = bh % H
+    idx = pstart + tl.arange(0, BM)
+    rmask = idx < pend
+    pair = tl.load(PERM + idx, mask=rmask, other=0)
+    t = (pair // (H * K1)) % T
+    tok = (b.to(tl.int64) * T + t) * H + h
+    return bh, g, b, h, pair, t, tok, rmask
+
+
+@triton.jit
 def _past_fwd_kernel(Q, K, V, OP, LSEP, PERM, OFFS, WB, WS, CH_START, CH_END, T, H, NC, scale2,
                      K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -179,19 +197,9 @@ def _past_fwd_kernel(Q, K, V, OP, LSEP, PERM, OFFS, WB, WS, CH_START, CH_END, T,
     bucket = tl.load(WB + w)
     if bucket < 0:
         return
-    pstart = tl.load(WS + w)
-    pend = tl.load(OFFS + bucket + 1)
-    bh = bucket // NC
-    g = bucket % NC
-    b = bh // H
-    h = bh % H
+    bh, g, b, h, pair, t, tok, rmask = _bucket_block(bucket, w, WS, OFFS, PERM, T, H, NC, K1, BM)
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
-    idx = pstart + tl.arange(0, BM)
-    rmask = idx < pend
-    pair = tl.load(PERM + idx, mask=rmask, other=0)
-    t = (pair // (H * K1)) % T
-    tok = (b.to(tl.int64) * T + t) * H + h
     q = tl.load(Q + tok[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     kbeg = tl.load(CH_START + g)
     kend = tl.load(CH_END + g)
@@ -437,19 +445,9 @@ def _bwd_dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQP, PERM, OFFS, WB, WS, CH_STA
     bucket = tl.load(WB + w)
     if bucket < 0:
         return
-    pstart = tl.load(WS + w)
-    pend = tl.load(OFFS + bucket + 1)
-    bh = bucket // NC
-    g = bucket % NC
-    b = bh // H
-    h = bh % H
+    bh, g, b, h, pair, t, tok, rmask = _bucket_block(bucket, w, WS, OFFS, PERM, T, H, NC, K1, BM)
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
-    idx = pstart + tl.arange(0, BM)
-    rmask = idx < pend
-    pair = tl.load(PERM + idx, mask=rmask, other=0)
-    t = (pair // (H * K1)) % T
-    tok = (b.to(tl.int64) * T + t) * H + h
     lmask = rmask[:, None] & dmask[None, :]
     q = tl.load(Q + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)
     do = tl.load(DO + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)

@@ -154,17 +154,19 @@ def _inv_unit_lower(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, EXACT: tl.conste
 
 @triton.jit
 def _wy(w_c, k_c, a_c, b_c, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
-    """One chunk's cumulative log decay G and its WY factors W = M at, Q = M Aak (module docstring)."""
+    """One chunk's cumulative log decay G, decayed rows at, bh, kh, the strictly lower Aak,
+    M = (I - Aab)^{-1} and the WY factors W = M at, Q = M Aak (module docstring)."""
     o_t = tl.arange(0, BT)
     G = tl.cumsum(w_c, axis=0)
     at = a_c * tl.exp(G - w_c)
-    bh = b_c * tl.exp(-G)
-    kh = k_c * tl.exp(-G)
+    eGi = tl.exp(-G)
+    bh = b_c * eGi
+    kh = k_c * eGi
     strict = o_t[:, None] > o_t[None, :]
     Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision=EXACT), 0.0)
     Aak = tl.where(strict, _dot(at, tl.trans(kh), PREC), 0.0)
     M = _inv_unit_lower(Aab, BT, LOG2_BT, EXACT)
-    return G, _dot(M, at, PREC), _dot(M, Aak, PREC)
+    return G, at, bh, kh, Aak, M, _dot(M, at, PREC), _dot(M, Aak, PREC)
 
 
 @triton.jit
@@ -182,7 +184,7 @@ def _prep_kernel(
     k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
     a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
     b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
-    _, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC, EXACT)
+    G, at, bh, kh, Aak, M, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC, EXACT)
     base = i_c.to(tl.int64) * H + i_h
     tl.store(Wbuf + base * BT * N + o_t[:, None] * N + o_k[None, :], Wm)
     tl.store(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :], Qm)
@@ -450,26 +452,18 @@ def _bwd_grads_kernel(
     o_s = o_k[:, None] * N + o_k[None, :]
 
     # recompute the chunk's forward quantities
-    G = tl.cumsum(w_c, axis=0)
+    G, at, bh, kh, Aak, M, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC, EXACT)
     gC = tl.sum(w_c, axis=0)
     eGC = tl.exp(gC)
     eG = tl.exp(G)
     eGi = tl.exp(-G)
-    at = a_c * tl.exp(G - w_c)
     rt = r_c * eG
-    bh = b_c * eGi
-    kh = k_c * eGi
     bb = bh * eGC[None, :]
     kb = kh * eGC[None, :]
     strict = o_t[:, None] > o_t[None, :]
     lower = o_t[:, None] >= o_t[None, :]
-    Aab = tl.where(strict, tl.dot(at, tl.trans(bh), input_precision=EXACT), 0.0)
-    Aak = tl.where(strict, _dot(at, tl.trans(kh), PREC), 0.0)
     Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
     Ark = tl.where(lower, _dot(rt, tl.trans(kh), PREC), 0.0)
-    M = _inv_unit_lower(Aab, BT, LOG2_BT, EXACT)
-    Wm = _dot(M, at, PREC)
-    Qm = _dot(M, Aak, PREC)
     # the two [N, N] tiles are loaded late and used up early (register pressure)
     S0 = tl.load(states + base * N * N + o_s).to(tl.float32)
     dS = tl.load(dstates + base * N * N + o_s).to(tl.float32)
