@@ -4,6 +4,7 @@
     python -m rwkvx_kernels.benchmarks.bench_wkv7 --sweep         # also try launch configs of ours
     python -m rwkvx_kernels.benchmarks.bench_wkv7 --shapes 2x1024x4 --no-recurrent
     python -m rwkvx_kernels.benchmarks.bench_wkv7 --compile-only  # CPU only: compile all kernels for sm_90
+                                                                  # (with registers and spills per kernel)
 
 For every shape (B x T x H, head size 64, bf16 inputs drawn like the model's): fwd and fwd+bwd
 time (CUDA events, warmup, median of --iters) of ours (`chunk`, and the sequential
@@ -202,6 +203,7 @@ def compile_only(arch=90):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("--compile-only needs TRITON_INTERPRET unset")
     import triton
+    from rwkvx_kernels.benchmarks.resources import ptxas_report
     from rwkvx_kernels.wkv7 import chunk as C
     from rwkvx_kernels.wkv7 import fused_recurrent as F
     from triton.backends.compiler import GPUTarget
@@ -221,42 +223,42 @@ def compile_only(arch=90):
             sig[a] = t
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         try:
-            triton.compile(src, target=target, options={"num_warps": num_warps})
-            print(f"ok    {name}")
+            compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+            print(f"ok    {name:58s} {ptxas_report(compiled)}")
         except Exception as e:  # noqa: BLE001
             failures += 1
             print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:1500]}")
 
     f32, H, N = "*fp32", 16, 64
+    cfg = C.CONFIG  # the default launch parameters, for bf16 inputs
+    cw, sw, gw, bv = cfg["chunk_warps"], cfg["state_warps"], cfg["grad_warps"], cfg["state_bv"]
     ints = {"T": "i32", "NT": "i32", "NG": "i32", "GC": "i32", "NH": "i32", "PART": "i64"}
     for varlen in (False, True):
         vl = dict.fromkeys(["cu_seqlens", "chunk_indices", "chunk_offsets", "group_offsets"], "*i32" if varlen else None)
         vl["seg_offsets"] = "*i64" if varlen else None
         base = {**ints, **vl, "Wbuf": f32, "Qbuf": f32, "h0": f32, "ht": f32, "gstates": f32, "Xbuf": f32,
                 "dht": f32, "dh0": f32, "gdstates": f32, "init": f32, "final": f32}
-        c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC="tf32", EXACT="ieee")
-        build(C._prep_kernel, base, c, 4, f"prep varlen={varlen}")
-        build(C._prep_kernel, base, {**c, "PREC": "bf16", "EXACT": "tf32x3"}, 1, f"prep bf16/tf32x3 varlen={varlen}")
-        build(C._bwd_grads_kernel, {**base, "states": "*bf16", "dstates": "*bf16"}, {**c, "PREC": "bf16", "EXACT": "tf32x3"},
-              4, f"bwd_grads bf16/tf32x3 varlen={varlen}")
+        for prec, exact in [("tf32", "tf32x3"), ("tf32", "ieee"), ("bf16", "tf32x3")]:
+            c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC=prec, EXACT=exact)
+            build(C._prep_kernel, base, c, cw, f"prep {prec}/{exact} varlen={varlen}")
+            build(C._bwd_grads_kernel, {**base, "states": "*bf16", "dstates": "*bf16"}, c, gw,
+                  f"bwd_grads {prec}/{exact} varlen={varlen}")
         for sd in ("fp32", "bf16"):
             t = {**base, "states": f"*{sd}", "dstates": f"*{sd}"}
             for aug, grouped, fuse in [(False, False, True), (False, False, False), (True, True, False), (False, True, True)]:
-                c = dict(H=H, N=N, BT=16, BV=32, USE_H0=True, STORE_HT=not grouped, STORE_STATES=not aug,
+                c = dict(H=H, N=N, BT=16, BV=bv, USE_H0=True, STORE_HT=not grouped, STORE_STATES=not aug,
                          FUSE_OUT=fuse, GROUPED=grouped, AUG=aug, IS_VARLEN=varlen, PREC="tf32")
-                build(C._fwd_state_kernel, t, c, 4, f"fwd_state aug={aug} grouped={grouped} fuse={fuse} {sd} varlen={varlen}")
-                c = dict(H=H, N=N, BT=16, BV=32, USE_DHT=True, STORE_DH0=not grouped, GROUPED=grouped, AUG=aug,
+                build(C._fwd_state_kernel, t, c, sw, f"fwd_state aug={aug} grouped={grouped} fuse={fuse} {sd} varlen={varlen}")
+                c = dict(H=H, N=N, BT=16, BV=bv, USE_DHT=True, STORE_DH0=not grouped, GROUPED=grouped, AUG=aug,
                          IS_VARLEN=varlen, PREC="tf32")
-                build(C._bwd_state_kernel, t, c, 4, f"bwd_state aug={aug} grouped={grouped} {sd} varlen={varlen}")
+                build(C._bwd_state_kernel, t, c, sw, f"bwd_state aug={aug} grouped={grouped} {sd} varlen={varlen}")
             c = dict(H=H, N=N, BT=16, IS_VARLEN=varlen, PREC="tf32")
-            build(C._fwd_out_kernel, t, c, 4, f"fwd_out {sd} varlen={varlen}")
-            c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC="tf32", EXACT="ieee")
-            build(C._bwd_grads_kernel, t, c, 4, f"bwd_grads {sd} varlen={varlen}")
+            build(C._fwd_out_kernel, t, c, cw, f"fwd_out {sd} varlen={varlen}")
         for rev in (False, True):
             for exact in ("ieee", "tf32x3"):
-                c = dict(H=H, N=N, BT=16, BV=32, USE_INIT=True, STORE_FINAL=True, REVERSE=rev, IS_VARLEN=varlen,
-                         EXACT=exact)
-                build(C._scan_kernel, base, c, 4, f"scan reverse={rev} {exact} varlen={varlen}")
+                c = dict(H=H, N=N, BT=16, BV=cfg["scan_bv"], USE_INIT=True, STORE_FINAL=True, REVERSE=rev,
+                         IS_VARLEN=varlen, EXACT=exact)
+                build(C._scan_kernel, base, c, cfg["scan_warps"], f"scan reverse={rev} {exact} varlen={varlen}")
         t = {**base, "ckpt": f32, "scratch": f32, **dict.fromkeys(["dr", "dw", "dk", "da", "db"], f32)}
         c = dict(H=H, N=N, BV=16, SEG=16, USE_H0=True, STORE_HT=True, IS_VARLEN=varlen)
         build(F._wkv7_fwd_kernel, t, c, 2, f"fused_recurrent fwd varlen={varlen}")

@@ -453,37 +453,33 @@ def _bwd_grads_kernel(
 
     # recompute the chunk's forward quantities
     G, at, bh, kh, Aak, M, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC, EXACT)
-    gC = tl.sum(w_c, axis=0)
-    eGC = tl.exp(gC)
-    eG = tl.exp(G)
-    eGi = tl.exp(-G)
-    rt = r_c * eG
-    bb = bh * eGC[None, :]
-    kb = kh * eGC[None, :]
+    rt = r_c * tl.exp(G)
     strict = o_t[:, None] > o_t[None, :]
     lower = o_t[:, None] >= o_t[None, :]
     Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
     Ark = tl.where(lower, _dot(rt, tl.trans(kh), PREC), 0.0)
-    # the two [N, N] tiles are loaded late and used up early (register pressure)
+    # the two [N, N] tiles are loaded late and used up early (register pressure). dS is taken with
+    # its key columns scaled by e^{gC} (dSg), which folds the chunk-end decay of bh, kh into it.
     S0 = tl.load(states + base * N * N + o_s).to(tl.float32)
-    dS = tl.load(dstates + base * N * N + o_s).to(tl.float32)
-    dgC_state = tl.sum(dS * S0, axis=0) * eGC
+    dSg = tl.load(dstates + base * N * N + o_s).to(tl.float32) * tl.exp(tl.sum(w_c, axis=0))[None, :]
+    dgC = tl.sum(dSg * S0, axis=0)  # dL/dgC, the state part
     U = _dot(Wm, tl.trans(S0), PREC) + _dot(Qm, v_c, PREC)  # [BT, V]
 
-    # back through Y = rt S0^T + Arb U + Ark V and S_end = S0 e^{gC} + U^T bb + V^T kb, and through
-    # U = W S0^T + Q V (every product with S0 or dS first, so that they die early)
-    dU = _dot(tl.trans(Arb), dy_c, PREC) + _dot(bb, tl.trans(dS), PREC)
+    # back through Y = rt S0^T + Arb U + Ark V and S_end = S0 e^{gC} + U^T bh e^{gC} + V^T kh e^{gC},
+    # and through U = W S0^T + Q V (every product with S0 or dS first, so that they die early);
+    # dbh, dkh start with the S_end terms
+    dU = _dot(tl.trans(Arb), dy_c, PREC) + _dot(bh, tl.trans(dSg), PREC)
     dW = _dot(dU, S0, PREC)
     drt = _dot(dy_c, S0, PREC)
-    dbb = _dot(U, dS, PREC)
-    dkb = _dot(v_c, dS, PREC)
-    dv_c = _dot(tl.trans(Ark), dy_c, PREC) + _dot(kb, tl.trans(dS), PREC) \
-        + _dot(tl.trans(Qm), dU, PREC)
+    dbh = _dot(U, dSg, PREC)
+    dkh = _dot(v_c, dSg, PREC)
+    dgC += tl.sum(dbh * bh + dkh * kh, axis=0)
+    dv_c = _dot(tl.trans(Ark), dy_c, PREC) + _dot(kh, tl.trans(dSg), PREC) + _dot(tl.trans(Qm), dU, PREC)
     _store_rows(dv, dv_c, t0, eos, i_h, o_k, H, N, BT)
     dArb = tl.where(lower, _dot(dy_c, tl.trans(U), PREC), 0.0)
     dArk = tl.where(lower, _dot(dy_c, tl.trans(v_c), PREC), 0.0)
     drt += _dot(dArb, bh, PREC) + _dot(dArk, kh, PREC)
-    _store_rows(dr, drt * eG, t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(dr, drt * tl.exp(G), t0, eos, i_h, o_k, H, N, BT)
     # back through W = M at, Q = M Aak, M = (I - Aab)^{-1}
     dQ = tl.where(strict, _dot(dU, tl.trans(v_c), PREC), 0.0)
     MT = tl.trans(M)
@@ -491,18 +487,18 @@ def _bwd_grads_kernel(
     dAak = tl.where(strict, _dot(MT, dQ, PREC), 0.0)
     dAab = tl.where(strict, _dot(_dot(MT, dM, PREC), MT, PREC), 0.0)
     dat = _dot(MT, dW, PREC) + _dot(dAab, bh, PREC) + _dot(dAak, kh, PREC)
-    dbh = _dot(tl.trans(dAab), at, PREC) + _dot(tl.trans(dArb), rt, PREC)
-    dkh = _dot(tl.trans(dAak), at, PREC) + _dot(tl.trans(dArk), rt, PREC)
+    dbh += _dot(tl.trans(dAab), at, PREC) + _dot(tl.trans(dArb), rt, PREC)
+    dkh += _dot(tl.trans(dAak), at, PREC) + _dot(tl.trans(dArk), rt, PREC)
 
     # back to the raw inputs; G enters through every e^{+-G} factor
     datat = dat * at
-    dG = drt * rt - dbh * bh - dkh * kh - dbb * bb - dkb * kb + datat
-    dgC = tl.sum(dbb * bb + dkb * kb, axis=0) + dgC_state
+    dG = drt * rt - dbh * bh - dkh * kh + datat
     dw_c = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG - datat + dgC[None, :]
     _store_rows(dw, dw_c, t0, eos, i_h, o_k, H, N, BT)
-    _store_rows(dk, (dkh + dkb * eGC[None, :]) * eGi, t0, eos, i_h, o_k, H, N, BT)
+    eGi = tl.exp(-G)
+    _store_rows(dk, dkh * eGi, t0, eos, i_h, o_k, H, N, BT)
     _store_rows(da, dat * tl.exp(G - w_c), t0, eos, i_h, o_k, H, N, BT)
-    _store_rows(db, (dbh + dbb * eGC[None, :]) * eGi, t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(db, dbh * eGi, t0, eos, i_h, o_k, H, N, BT)
 
 
 # ----------------------------------------------------------------------------- host side
