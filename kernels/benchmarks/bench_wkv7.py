@@ -41,13 +41,19 @@ def make_inputs(B, T, H, dtype=torch.bfloat16, device="cuda", seed=0):
     return [x.to(dtype).contiguous() for x in (r, w, k, v, a, b)]
 
 
-def fla_fn():
-    """fla's chunk_rwkv7 wrapped to our call convention (w = log decay), or None with the reason."""
+def fla_fn(lower_bound=None):
+    """fla's chunk_rwkv7 wrapped to our call convention (w = log decay), or None with the reason.
+
+    `lower_bound` (fla >= 0.6: the caller promises w >= lower_bound) lets fla pick its chunk-64
+    tensor-core scheme; fla's own RWKV-7 layer does not pass it, so the default row is fla as its
+    models run it."""
     try:
         from fla.ops.rwkv7 import chunk_rwkv7
     except Exception as e:  # noqa: BLE001
         return None, f"fla not importable: {e!r}"
     params = inspect.signature(chunk_rwkv7).parameters
+    if lower_bound is not None and "lower_bound" not in params:
+        return None, "this fla's chunk_rwkv7 has no lower_bound argument"
 
     def call(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False):
         kw = dict(r=r, k=k, v=v, a=a, b=b, scale=1.0, initial_state=initial_state,
@@ -58,6 +64,8 @@ def fla_fn():
             kw["w"] = w
         if "use_log_w" in params:
             kw["use_log_w"] = True
+        if lower_bound is not None:
+            kw["lower_bound"] = lower_bound
         out = chunk_rwkv7(**kw)
         return out[0], out[1]
 
@@ -278,6 +286,8 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--profile", action="store_true", help="print our chunk kernel's per-kernel times")
     p.add_argument("--no-fla", action="store_true", help="skip fla (its first call autotunes for minutes)")
+    p.add_argument("--fla-lower-bound", action="store_true",
+                   help="also time fla told the model's decay floor (w >= -exp(-0.5)): its chunk-64 path")
     p.add_argument("--config", nargs="*", type=json.loads, default=[{}],
                    help="chunk.CONFIG overrides, one JSON object per variant, e.g. '{\"state_warps\": 2}'")
     p.add_argument("--compile-only", action="store_true", help="compile all kernels for sm_90, no GPU needed")
@@ -298,6 +308,12 @@ def main(argv=None):
         print(f"[fla skipped: {why}]")
     else:
         impls["fla"] = fla
+        if args.fla_lower_bound:
+            fla_lb, why = fla_fn(lower_bound=-math.exp(-0.5))
+            if fla_lb is None:
+                print(f"[fla_lower_bound skipped: {why}]")
+            else:
+                impls["fla_lower_bound"] = fla_lb
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     try:
         import triton
