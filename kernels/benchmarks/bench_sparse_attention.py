@@ -3,6 +3,7 @@
     python -m rwkvx_kernels.benchmarks.bench_sparse_attention                     # default sweep
     python -m rwkvx_kernels.benchmarks.bench_sparse_attention --shapes 65536:16:2048:3 --no-decode
     python -m rwkvx_kernels.benchmarks.bench_sparse_attention --configs '{}' '{"dq_atomic": true}'
+    python -m rwkvx_kernels.benchmarks.bench_sparse_attention --compile-only --configs '{}' '{"dkdv_bn": 64}'
 
 Every shape is T:H:chunk:topk (B = 1, head size 64, bf16 unless --dtype). On identical inputs, in one process:
 - ours: `rwkvx_kernels.sparse_attention.sparse_attention` (gating + attention), fwd and fwd+bwd, one row
@@ -307,6 +308,44 @@ def fmt(x, spec=".2f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def compile_only(configs, topk=3, arch=90):
+    """Compile every kernel for sm_<arch> at the default launch parameters updated by each of `configs`
+    (bf16, H=16, D=64, `topk`) and print registers and spills; no GPU needed."""
+    from rwkvx_kernels.benchmarks.resources import Compiler
+    from rwkvx_kernels.sparse_attention import triton_topk as S
+
+    compiler = Compiler(arch)
+    f32, i32 = "*fp32", "*i32"
+    types = {"MEANS": f32, "OP": f32, "LSEP": f32, "LSE": f32, "DELTA": f32, "DQP": f32, "DQACC": f32,
+             **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL"], i32),
+             **dict.fromkeys(["T", "H", "NC", "NKB", "BH"], "i32"), "scale": "fp32", "scale2": "fp32"}
+    H, K1, D = 16, topk - 1, 64
+    common = dict(D=D, BD=D)
+    for i, cfg in enumerate(configs):
+        c = {**S.CONFIG_GPU, **cfg}
+        tag = f"[{i}] " if len(configs) > 1 else ""
+        n = (lambda name, key: (f"{tag}{name} " + " ".join(f"{k}={c[k]}" for k in c if k.startswith(key + "_"))))
+        build = compiler.build
+        build(S._chunk_means_kernel, types, {**common, "BN": c["means_bn"]}, c["means_warps"], n("means", "means"))
+        build(S._select_kernel, types, {**common, "K1": K1, "KP": max(2, 1 << (K1 - 1).bit_length()), "BM": c["sel_bm"]},
+              c["sel_warps"], n("select", "sel"))
+        build(S._past_fwd_kernel, types, {**common, "K1": K1, "BM": c["past_bm"], "BN": c["past_bn"], "EVEN_N": True,
+                                          "DOT_PREC": "tf32"}, c["past_warps"], n("past_fwd", "past"), c["past_stages"])
+        build(S._own_fwd_kernel, {**types, "H": None}, {**common, "H": H, "K1": K1, "BM": c["fwd_bm"], "BN": c["fwd_bn"],
+                                                        "DOT_PREC": "tf32"}, c["fwd_warps"], n("own_fwd", "fwd"),
+              c["fwd_stages"])
+        build(S._delta_kernel, types, {**common, "H": H, "BM": 64}, 4, f"{tag}delta")
+        split = int(c["dkdv_split"])
+        build(S._bwd_dkdv_kernel, types, {**common, "H": H, "K1": K1, "BM": c["dkdv_bm"], "BN": c["dkdv_bn"],
+                                          "SPLIT": split, "DQ_ATOMIC": bool(c["dq_atomic"]), "DOT_PREC": "tf32"},
+              c["dkdv_warps"], n("dkdv", "dkdv"), c["dkdv_stages"])
+        build(S._bwd_dq_past_kernel, types, {**common, "K1": K1, "BM": c["dqp_bm"], "BN": c["dqp_bn"],
+                                             "DOT_PREC": "tf32"}, c["dqp_warps"], n("dq_past", "dqp"), c["dqp_stages"])
+        build(S._bwd_dq_own_kernel, types, {**common, "H": H, "K1": K1, "BM": c["dq_bm"], "BN": c["dq_bn"],
+                                            "DOT_PREC": "tf32"}, c["dq_warps"], n("dq_own", "dq"), c["dq_stages"])
+    compiler.finish()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="T:H:chunk:topk (B=1, D=64, bf16)")
@@ -328,7 +367,11 @@ def main(argv=None):
     p.add_argument("--decode-shape", default="16:2048:3", help="H:chunk:topk for decode")
     p.add_argument("--decode-steps", type=int, default=200)
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--compile-only", action="store_true",
+                   help="no GPU: compile every kernel for sm_90 with each --configs entry, print registers/spills")
     args = p.parse_args(argv)
+    if args.compile_only:
+        compile_only(args.configs)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_sparse_attention needs CUDA")
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE

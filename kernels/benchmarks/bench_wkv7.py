@@ -206,37 +206,12 @@ def profile_kernels(fn, xs, iters=3):
 
 def compile_only(arch=90):
     """Compile every kernel variant for sm_<arch> without a GPU (catches what the CPU interpreter can't)."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("--compile-only needs TRITON_INTERPRET unset")
-    import triton
-    from rwkvx_kernels.benchmarks.resources import ptxas_report
+    from rwkvx_kernels.benchmarks.resources import Compiler
     from rwkvx_kernels.wkv7 import chunk as C
     from rwkvx_kernels.wkv7 import fused_recurrent as F
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", arch, 32)
-    failures = 0
-
-    def build(fn, types, consts, num_warps, name):
-        nonlocal failures
-        consts = dict(consts)
-        sig = {}
-        for a in fn.arg_names:  # unlisted pointers: bf16 inputs; None-valued: constexpr None
-            t = "constexpr" if a in consts else types.get(a, "*bf16")
-            if t is None:
-                t, consts[a] = "constexpr", None
-            sig[a] = t
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        try:
-            compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
-            print(f"ok    {name:58s} {ptxas_report(compiled)}")
-        except Exception as e:  # noqa: BLE001
-            failures += 1
-            print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:1500]}")
-
+    compiler = Compiler(arch)
+    build = compiler.build
     f32, H, N = "*fp32", 16, 64
     cfg = C.CONFIG  # the default launch parameters, for bf16 inputs
     cw, sw, gw, bv = cfg["chunk_warps"], cfg["state_warps"], cfg["grad_warps"], cfg["state_bv"]
@@ -272,8 +247,7 @@ def compile_only(arch=90):
         build(F._wkv7_fwd_kernel, t, c, 2, f"fused_recurrent fwd varlen={varlen}")
         c = dict(H=H, N=N, BV=16, SEG=16, USE_DHT=True, STORE_DH0=True, IS_VARLEN=varlen)
         build(F._wkv7_bwd_kernel, t, c, 4, f"fused_recurrent bwd varlen={varlen}")
-    print(f"{failures} failures")
-    raise SystemExit(1 if failures else 0)
+    compiler.finish()
 
 
 def main(argv=None):

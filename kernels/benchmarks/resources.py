@@ -1,8 +1,9 @@
-"""Registers, spills and shared memory of a compiled Triton kernel, without a GPU.
+"""Compile Triton kernels for a GPU without one, and report their registers, spills and shared memory.
 
-Runs the ptxas that ships with Triton on the kernel's PTX (`ptxas -v`). Spilled registers go to local
-memory and are a common reason a kernel falls far below the card's rate, so this is the first thing
-to read after a kernel change when no GPU is at hand (`bench_wkv7 --compile-only` prints it).
+`Compiler.build` compiles one kernel variant for sm_90 (catching what the CPU interpreter cannot);
+`ptxas_report` runs the ptxas that ships with Triton on its PTX (`ptxas -v`). Spilled registers go
+to local memory and are a common reason a kernel falls far below the card's rate, so this is the
+first thing to read after a kernel change when no GPU is at hand (`--compile-only` of both benchmarks).
 """
 
 from __future__ import annotations
@@ -38,3 +39,41 @@ def ptxas_report(compiled, arch: str = "sm_90a") -> str:
                 return (f"regs {regs.group(1) if regs else '?'}, spills {spills.group(1) if spills else '?'} B, "
                         f"smem {compiled.metadata.shared} B")
     return "ptxas report unavailable"
+
+
+class Compiler:
+    """Compiles kernel variants for sm_<arch>, printing one line each; counts the failures."""
+
+    def __init__(self, arch: int = 90):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("--compile-only needs TRITON_INTERPRET unset")
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.failures = 0
+
+    def build(self, fn, types, consts, num_warps, name, num_stages=3):
+        """types: argument -> Triton type ("*fp32", "i32", ...); unlisted pointers are bf16 and a type of
+        None makes the argument a constexpr None (an absent optional tensor)."""
+        import triton
+        from triton.compiler import ASTSource
+
+        consts = dict(consts)
+        sig = {}
+        for a in fn.arg_names:
+            t = "constexpr" if a in consts else types.get(a, "*bf16")
+            if t is None:
+                t, consts[a] = "constexpr", None
+            sig[a] = t
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        try:
+            compiled = triton.compile(src, target=self.target,
+                                      options={"num_warps": num_warps, "num_stages": num_stages})
+            print(f"ok    {name:58s} {ptxas_report(compiled)}")
+        except Exception as e:  # noqa: BLE001
+            self.failures += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:1500]}")
+
+    def finish(self):
+        print(f"{self.failures} failures")
+        raise SystemExit(1 if self.failures else 0)
