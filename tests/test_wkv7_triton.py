@@ -144,6 +144,8 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"group_chunks": 0, "fuse_out": True, "state_bv": 64}, id="fused-bv64"),
         pytest.param({"checkpoint_chunks": 4}, id="checkpoints4"),
         pytest.param({"exact_precision": "tf32x3", "group_chunks": 2}, id="tf32x3-inverse-and-scan"),
+        pytest.param({"chunk_len": 32, "checkpoint_chunks": 2}, id="chunk32-checkpoints2"),
+        pytest.param({"chunk_len": 32, "group_chunks": 1, "fuse_out": True}, id="chunk32-grouped-fused"),
         pytest.param({"checkpoint_chunks": 2, "state_bv": 32}, id="checkpoints2-bv32"),
         pytest.param({"checkpoint_chunks": 3, "group_chunks": 2}, id="checkpoints3-grouped"),
     ],

@@ -1,7 +1,7 @@
 """Chunked Triton kernels for the RWKV-7 recurrence (tensor cores), forward and backward.
 
 Per head, S is N x N (value x key), fp32:  S_t = S_{t-1} (D_t + a_t b_t^T) + v_t k_t^T,  y_t = S_t r_t,
-D_t = diag(exp(w_t)). Cut time into chunks of BT = 16 tokens. Inside a chunk (t, s = 1..BT), with
+D_t = diag(exp(w_t)). Cut time into chunks of BT = 16 tokens (CONFIG["chunk_len"]). Inside a chunk (t, s = 1..BT), with
 G_t = w_1 + ... + w_t (cumulative log decay, per key), S_0 the state entering the chunk and
 u_t = S_{t-1} a_t (the "sa" vectors), unrolling the recurrence gives
 
@@ -56,12 +56,15 @@ import triton.language as tl
 
 from .inputs import prepare_inputs
 
-BT = 16  # chunk length
 # Launch parameters (the benchmark sweeps them). dot_precision: "tf32" or "ieee" (exact fp32, slower)
 # for the matrix products, "bf16" (operands rounded to bf16: 14.2 -> 12.0 ms at 8x4096x64 on an H100,
 # but twice the error of tf32: gradients 6.4e-3 vs 3.1e-3, fla 4.0e-3), "auto" = ieee for fp32 inputs
 # and tf32 for bf16/fp16.
 CONFIG = {
+    # tokens per chunk, BT: 16 or 32 (needs w >= about -88 / BT). 32 halves the sequential steps and the
+    # saved states but, compiled with Triton 3.6, _bwd_grads then spills 756 B even with 8 warps (not
+    # timed yet); 64 would need 288 KB of shared memory in _bwd_grads, more than an H100 has.
+    "chunk_len": 16,
     "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
     # The products that must stay fp32-exact (the WY inverse, the group scan): "ieee" (FMA loops),
     # "tf32x3" (three tf32 tensor-core products, near-fp32 accuracy: 15.8 -> 14.2 ms at 8x4096x64 on
@@ -544,6 +547,10 @@ class _Plan:
     """Chunk / group bookkeeping for one call (fixed-length batch or packed documents)."""
 
     def __init__(self, B, T, H, N, cu_seqlens, device):
+        self.cfg = cfg = dict(CONFIG)  # one snapshot, so backward launches like its forward
+        self.bt = BT = int(cfg["chunk_len"])
+        if BT not in (16, 32):
+            raise ValueError(f"CONFIG['chunk_len'] must be 16 or 32, got {BT}")
         self.T, self.H, self.N = T, H, N
         self.cu = cu_seqlens
         self.device = device
@@ -566,7 +573,6 @@ class _Plan:
         self.n, self.first_chunk = n, offsets[:-1]
         self.total = int(n.sum())
         self.max_chunks = int(n.max()) if len(n) else 0
-        self.cfg = cfg = dict(CONFIG)  # one snapshot, so backward launches like its forward
         self.bv = cfg["state_bv"]
         # Two-level scan for the sequential passes when (sequences x heads) cannot fill the GPU.
         gc = cfg["group_chunks"]
@@ -600,6 +606,7 @@ class _Plan:
 
 
 def _prep(w, k, a, b, plan):
+    BT = plan.bt
     H, N = plan.H, plan.N
     Wbuf = torch.empty(max(plan.total, 1), H, BT, N, dtype=torch.float32, device=w.device)
     Qbuf = torch.empty(max(plan.total, 1), H, BT, BT, dtype=torch.float32, device=w.device)
@@ -636,6 +643,7 @@ def _state_dtype(x, cfg):
 def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states=True):
     B, T, H, N = r.shape
     plan = _Plan(B, T, H, N, cu_seqlens, r.device)
+    BT = plan.bt
     dev, prec, bv = r.device, _prec(r, plan.cfg), plan.bv
     Wbuf, Qbuf = _prep(w, k, a, b, plan)
     fuse = bool(plan.cfg["fuse_out"])
@@ -671,6 +679,7 @@ def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_sta
 
 def _scan(init, final, gstates, Xbuf, plan, reverse, exact):
     """The short sequential pass over the groups of the two-level scan."""
+    BT = plan.bt
     sbv = plan.cfg["scan_bv"]
     _scan_kernel[(plan.N // sbv, plan.NS * plan.H)](
         init, final, gstates, Xbuf, *plan.seq_args(), H=plan.H, N=plan.N, BT=BT, BV=sbv,
@@ -682,6 +691,7 @@ def _scan(init, final, gstates, Xbuf, plan, reverse, exact):
 def _restore_states(r, w, k, v, b, Wbuf, Qbuf, ckpt, plan):
     """Every chunk's entering state from the saved checkpoints: the forward state pass again, one short
     walk of checkpoint_chunks chunks per checkpoint, all in parallel."""
+    BT = plan.bt
     H, N, bv = plan.H, plan.N, plan.bv
     states = torch.empty(plan.total, H, N, N, dtype=ckpt.dtype, device=r.device)
     _fwd_state_kernel[(N // bv, plan.NS * H, plan.ckpt.max_groups)](
@@ -693,6 +703,7 @@ def _restore_states(r, w, k, v, b, Wbuf, Qbuf, ckpt, plan):
 
 
 def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
+    BT = plan.bt
     B, T, H, N = r.shape
     dev, prec, bv = r.device, _prec(r, plan.cfg), plan.bv
     Wbuf, Qbuf = _prep(w, k, a, b, plan)
