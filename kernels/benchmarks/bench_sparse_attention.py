@@ -320,29 +320,33 @@ def compile_only(configs, topk=3, arch=90):
              **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL"], i32),
              **dict.fromkeys(["T", "H", "NC", "NKB", "BH"], "i32"), "scale": "fp32", "scale2": "fp32"}
     H, K1, D = 16, topk - 1, 64
-    common = dict(D=D, BD=D)
+    kp = max(2, 1 << (K1 - 1).bit_length())
     for i, cfg in enumerate(configs):
         c = {**S.CONFIG_GPU, **cfg}
         tag = f"[{i}] " if len(configs) > 1 else ""
-        n = (lambda name, key: (f"{tag}{name} " + " ".join(f"{k}={c[k]}" for k in c if k.startswith(key + "_"))))
-        build = compiler.build
-        build(S._chunk_means_kernel, types, {**common, "BN": c["means_bn"]}, c["means_warps"], n("means", "means"))
-        build(S._select_kernel, types, {**common, "K1": K1, "KP": max(2, 1 << (K1 - 1).bit_length()), "BM": c["sel_bm"]},
-              c["sel_warps"], n("select", "sel"))
-        build(S._past_fwd_kernel, types, {**common, "K1": K1, "BM": c["past_bm"], "BN": c["past_bn"], "EVEN_N": True,
-                                          "DOT_PREC": "tf32"}, c["past_warps"], n("past_fwd", "past"), c["past_stages"])
-        build(S._own_fwd_kernel, {**types, "H": None}, {**common, "H": H, "K1": K1, "BM": c["fwd_bm"], "BN": c["fwd_bn"],
-                                                        "DOT_PREC": "tf32"}, c["fwd_warps"], n("own_fwd", "fwd"),
-              c["fwd_stages"])
-        build(S._delta_kernel, types, {**common, "H": H, "BM": 64}, 4, f"{tag}delta")
-        split = int(c["dkdv_split"])
-        build(S._bwd_dkdv_kernel, types, {**common, "H": H, "K1": K1, "BM": c["dkdv_bm"], "BN": c["dkdv_bn"],
-                                          "SPLIT": split, "DQ_ATOMIC": bool(c["dq_atomic"]), "DOT_PREC": "tf32"},
-              c["dkdv_warps"], n("dkdv", "dkdv"), c["dkdv_stages"])
-        build(S._bwd_dq_past_kernel, types, {**common, "K1": K1, "BM": c["dqp_bm"], "BN": c["dqp_bn"],
-                                             "DOT_PREC": "tf32"}, c["dqp_warps"], n("dq_past", "dqp"), c["dqp_stages"])
-        build(S._bwd_dq_own_kernel, types, {**common, "H": H, "K1": K1, "BM": c["dq_bm"], "BN": c["dq_bn"],
-                                            "DOT_PREC": "tf32"}, c["dq_warps"], n("dq_own", "dq"), c["dq_stages"])
+        tiles = {p: {"BM": c.get(f"{p}_bm"), "BN": c.get(f"{p}_bn")} for p in ("past", "fwd", "dkdv", "dqp", "dq")}
+        dot = {"DOT_PREC": "tf32", "D": D, "BD": D}
+        kernels = [  # (name, kernel, config prefix, constexprs, warps, stages)
+            ("means", S._chunk_means_kernel, "means", {"D": D, "BD": D, "BN": c["means_bn"]}, c["means_warps"], 3),
+            ("select", S._select_kernel, "sel", {"D": D, "BD": D, "K1": K1, "KP": kp, "BM": c["sel_bm"]},
+             c["sel_warps"], 3),
+            ("past_fwd", S._past_fwd_kernel, "past", {**dot, "K1": K1, "EVEN_N": True, **tiles["past"]},
+             c["past_warps"], c["past_stages"]),
+            ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "K1": K1, **tiles["fwd"]}, c["fwd_warps"],
+             c["fwd_stages"]),
+            ("delta", S._delta_kernel, "delta", {"D": D, "BD": D, "H": H, "BM": 64}, 4, 3),
+            ("dkdv", S._bwd_dkdv_kernel, "dkdv", {**dot, "H": H, "K1": K1, "SPLIT": int(c["dkdv_split"]),
+                                                  "DQ_ATOMIC": bool(c["dq_atomic"]), **tiles["dkdv"]},
+             c["dkdv_warps"], c["dkdv_stages"]),
+            ("dq_past", S._bwd_dq_past_kernel, "dqp", {**dot, "K1": K1, **tiles["dqp"]}, c["dqp_warps"],
+             c["dqp_stages"]),
+            ("dq_own", S._bwd_dq_own_kernel, "dq", {**dot, "H": H, "K1": K1, **tiles["dq"]}, c["dq_warps"],
+             c["dq_stages"]),
+        ]
+        for name, fn, prefix, consts, warps, stages in kernels:
+            launch = " ".join(f"{k}={v}" for k, v in c.items() if k.startswith(prefix + "_"))
+            compiler.build(fn, {k: v for k, v in types.items() if k not in consts}, consts, warps,
+                           f"{tag}{name} {launch}", stages)
     compiler.finish()
 
 
