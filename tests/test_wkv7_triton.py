@@ -146,6 +146,7 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"exact_precision": "tf32x3", "group_chunks": 2}, id="tf32x3-inverse-and-scan"),
         pytest.param({"chunk_len": 32, "checkpoint_chunks": 2}, id="chunk32-checkpoints2"),
         pytest.param({"chunk_len": 32, "group_chunks": 1, "fuse_out": True}, id="chunk32-grouped-fused"),
+        pytest.param({"save_wy": True, "checkpoint_chunks": 2}, id="saved-wy-checkpoints2"),
         pytest.param({"checkpoint_chunks": 2, "state_bv": 32}, id="checkpoints2-bv32"),
         pytest.param({"checkpoint_chunks": 3, "group_chunks": 2}, id="checkpoints3-grouped"),
     ],
@@ -165,10 +166,15 @@ def test_chunk_configs(cfg, B, T, H, cu):
         chunk.CONFIG.update(old)
 
 
-@pytest.mark.parametrize("ckpt,state_inputs", [(1, 4), (4, 1)], ids=["every-chunk", "every-4th-chunk"])
-def test_chunk_saved_for_backward(ckpt, state_inputs):
-    """Backward memory: the six inputs plus the chunk states, [T / 16, H, 64, 64] (four inputs' worth) by
-    default or [T / 64, H, 64, 64] (one input's worth) with checkpoint_chunks=4; both suffice for backward."""
+@pytest.mark.parametrize(
+    "cfg,extra_inputs",
+    [({}, 4), ({"checkpoint_chunks": 4}, 1), ({"save_wy": True}, 4 + 1 + 0.25)],
+    ids=["every-chunk", "every-4th-chunk", "with-wy"],
+)
+def test_chunk_saved_for_backward(cfg, extra_inputs):
+    """Backward memory in elements: the six inputs plus the chunk states, [T / 16, H, 64, 64] (four
+    inputs' worth) by default or [T / 64, H, 64, 64] (one input's worth) with checkpoint_chunks=4, plus
+    W [T, H, 64] and Q [T, H, 16] with save_wy; each suffices for backward."""
     from rwkvx_kernels.wkv7 import chunk
 
     xs, _ = make_inputs(1, 128, 2)
@@ -180,7 +186,7 @@ def test_chunk_saved_for_backward(ckpt, state_inputs):
         return t
 
     old = dict(chunk.CONFIG)
-    chunk.CONFIG["checkpoint_chunks"] = ckpt
+    chunk.CONFIG.update(cfg)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y, _ = chunk_wkv7(*xs)
@@ -189,7 +195,7 @@ def test_chunk_saved_for_backward(ckpt, state_inputs):
         chunk.CONFIG.clear()
         chunk.CONFIG.update(old)
     saved_elems = sum(t.numel() for t in saved)
-    assert saved_elems == (6 + state_inputs) * xs[0].numel(), [tuple(t.shape) for t in saved]
+    assert saved_elems == (6 + extra_inputs) * xs[0].numel(), [tuple(t.shape) for t in saved]
     assert all(torch.isfinite(x.grad).all() for x in xs)
 
 

@@ -85,6 +85,9 @@ CONFIG = {
     # inputs' worth of memory, fastest. 4: one [64, 64] state per 64 tokens (one input's worth); backward
     # restores the others (_restore_states), +2.9 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
     "checkpoint_chunks": 1,
+    # Keep the forward's W, Q factors for backward (fp32, about two inputs' worth more memory) instead of
+    # recomputing them (_prep, 1.5 ms at 8x4096x64 on an H100); not timed yet.
+    "save_wy": False,
     # The sequential passes over chunks can be split into groups of chunks (two-level scan: each
     # group's affine map S -> S P + X in parallel, a short scan over groups, then the chunks again
     # in parallel), which pays off when sequences x heads cannot fill the GPU. "auto" picks the
@@ -674,7 +677,8 @@ def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_sta
         )
     if need_states and plan.ckpt is not None:  # keep every checkpoint_chunks-th state only
         states = states[plan.checkpoint_index()]
-    return y, ht, states, plan
+    wy = (Wbuf, Qbuf) if need_states and plan.cfg["save_wy"] else None
+    return y, ht, states, plan, wy
 
 
 def _scan(init, final, gstates, Xbuf, plan, reverse, exact):
@@ -702,11 +706,12 @@ def _restore_states(r, w, k, v, b, Wbuf, Qbuf, ckpt, plan):
     return states
 
 
-def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
+def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None):
+    """Gradients of every input; `wy` = the forward's (W, Q) factors when it kept them (save_wy)."""
     BT = plan.bt
     B, T, H, N = r.shape
     dev, prec, bv = r.device, _prec(r, plan.cfg), plan.bv
-    Wbuf, Qbuf = _prep(w, k, a, b, plan)
+    Wbuf, Qbuf = wy if wy is not None else _prep(w, k, a, b, plan)
     if plan.ckpt is not None:
         states = _restore_states(r, w, k, v, b, Wbuf, Qbuf, states, plan)
     del Qbuf
@@ -740,20 +745,21 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0):
 class _ChunkWKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states):
-        y, ht, states, plan = chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state,
-                                             need_states=need_states)
+        y, ht, states, plan, wy = chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state,
+                                                 need_states=need_states)
         if need_states:
-            ctx.save_for_backward(r, w, k, v, a, b, states)
+            ctx.save_for_backward(r, w, k, v, a, b, states, *(wy or ()))
         ctx.plan = plan
         ctx.h0_dtype = None if initial_state is None else initial_state.dtype
         return y, ht
 
     @staticmethod
     def backward(ctx, dy, dht):
-        r, w, k, v, a, b, states = ctx.saved_tensors
+        r, w, k, v, a, b, states, *wy = ctx.saved_tensors
         need_dh0 = ctx.h0_dtype is not None and ctx.needs_input_grad[6]
         dr, dw, dk, dv, da, db, dh0 = chunk_wkv7_bwd(
-            r, w, k, v, a, b, dy.contiguous(), None if dht is None else dht.contiguous(), states, ctx.plan, need_dh0
+            r, w, k, v, a, b, dy.contiguous(), None if dht is None else dht.contiguous(), states, ctx.plan, need_dh0,
+            wy=wy or None,
         )
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
