@@ -74,16 +74,10 @@ CONFIG_GPU = {
     # the longest program when many queries pick the same chunk.
     "dkdv_split": 0,
 }
+# The CPU interpreter: the same keys with 16-row tiles, one warp, no pipelining (tiny test shapes).
 CONFIG_INTERPRET = {
-    "means_bn": 16, "means_warps": 1,
-    "sel_bm": 16, "sel_warps": 1,
-    "fwd_bm": 16, "fwd_bn": 16, "fwd_warps": 1, "fwd_stages": 1,
-    "past_bm": 16, "past_bn": 16, "past_warps": 1, "past_stages": 1,
-    "dkdv_bn": 16, "dkdv_bm": 16, "dkdv_warps": 1, "dkdv_stages": 1,
-    "dq_bm": 16, "dq_bn": 16, "dq_warps": 1, "dq_stages": 1,
-    "dqp_bm": 16, "dqp_bn": 16, "dqp_warps": 1, "dqp_stages": 1,
-    "dq_atomic": False,
-    "dkdv_split": 0,
+    key: 16 if key.endswith(("_bm", "_bn")) else 1 if key.endswith(("_warps", "_stages")) else val
+    for key, val in CONFIG_GPU.items()
 }
 
 LOG2E = 1.4426950408889634

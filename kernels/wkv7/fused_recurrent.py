@@ -37,16 +37,8 @@ CONFIG = {"fwd_bv": 16, "fwd_warps": 2, "bwd_bv": 16, "bwd_warps": 4}
 
 
 @triton.jit
-def _wkv7_fwd_kernel(
-    r, w, k, v, a, b, y, h0, ht, ckpt, cu_seqlens, seg_offsets,
-    T,
-    H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
+def _seq_segments(i_n, cu_seqlens, seg_offsets, T, SEG: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Sequence i_n's first and end token, its first checkpoint segment, its length and number of segments."""
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -56,7 +48,20 @@ def _wkv7_fwd_kernel(
         eos = bos + T
         seg0 = i_n.to(tl.int64) * tl.cdiv(T, SEG)
     L = eos - bos
-    n_seg = tl.cdiv(L, SEG)
+    return bos, eos, seg0, L, tl.cdiv(L, SEG)
+
+
+@triton.jit
+def _wkv7_fwd_kernel(
+    r, w, k, v, a, b, y, h0, ht, ckpt, cu_seqlens, seg_offsets,
+    T,
+    H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_h = i_nh % H
+    bos, eos, seg0, L, n_seg = _seq_segments(i_nh // H, cu_seqlens, seg_offsets, T, SEG, IS_VARLEN)
 
     o_v = i_v * BV + tl.arange(0, BV)
     o_k = tl.arange(0, N)
@@ -97,18 +102,8 @@ def _wkv7_bwd_kernel(
 ):
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
-    i_n = i_nh // H
     i_h = i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        seg0 = tl.load(seg_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-        seg0 = i_n.to(tl.int64) * tl.cdiv(T, SEG)
-    L = eos - bos
-    n_seg = tl.cdiv(L, SEG)
+    bos, eos, seg0, L, n_seg = _seq_segments(i_nh // H, cu_seqlens, seg_offsets, T, SEG, IS_VARLEN)
 
     o_v = i_v * BV + tl.arange(0, BV)
     o_k = tl.arange(0, N)
