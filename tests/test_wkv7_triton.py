@@ -149,6 +149,8 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"save_wy": True, "checkpoint_chunks": 2}, id="saved-wy-checkpoints2"),
         pytest.param({"checkpoint_chunks": 2, "state_bv": 32}, id="checkpoints2-bv32"),
         pytest.param({"checkpoint_chunks": 3, "group_chunks": 2}, id="checkpoints3-grouped"),
+        pytest.param({"grad_bv": 16}, id="grad-bv16"),
+        pytest.param({"grad_bv": 32, "chunk_len": 32}, id="grad-bv32-chunk32"),
     ],
 )
 @pytest.mark.parametrize("B,T,H,cu", [(2, 70, 1, None), (1, 90, 1, [0, 5, 75, 75, 90])], ids=["batch", "varlen"])
@@ -259,6 +261,24 @@ def test_gpu_long_sequence_finite(fn):
     y, ht, grads = run_and_grads(fn, xs, None, None, True)
     assert torch.isfinite(y).all() and torch.isfinite(ht).all()
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("cfg", [{"chunk_len": 64}, {"grad_bv": 48}, {"checkpoint_chunks": 0}],
+                         ids=["chunk_len", "grad_bv", "checkpoint_chunks"])
+def test_chunk_rejects_bad_config(cfg):
+    """A bad launch parameter is refused with its name and value, before any kernel runs."""
+    from rwkvx_kernels.wkv7 import chunk
+
+    (key, val), = cfg.items()
+    old = dict(chunk.CONFIG)
+    chunk.CONFIG.update(cfg)
+    try:
+        xs, _ = make_inputs(1, 20, 1)
+        with pytest.raises(ValueError, match=f"{key}.*{val}"):
+            chunk_wkv7(*xs)
+    finally:
+        chunk.CONFIG.clear()
+        chunk.CONFIG.update(old)
 
 
 def test_fallback_to_naive_for_float64():

@@ -224,7 +224,7 @@ def compile_only(arch=90):
         for prec, exact in [("tf32", "tf32x3"), ("tf32", "ieee"), ("bf16", "tf32x3")]:
             c = dict(H=H, N=N, BT=16, LOG2_BT=4, IS_VARLEN=varlen, PREC=prec, EXACT=exact)
             build(C._prep_kernel, base, c, cw, f"prep {prec}/{exact} varlen={varlen}")
-            build(C._bwd_grads_kernel, {**base, "states": "*bf16", "dstates": "*bf16"}, c, gw,
+            build(C._bwd_grads_kernel, {**base, "states": "*bf16", "dstates": "*bf16"}, {**c, "BV": cfg["grad_bv"]}, gw,
                   f"bwd_grads {prec}/{exact} varlen={varlen}")
         for sd in ("fp32", "bf16"):
             t = {**base, "states": f"*{sd}", "dstates": f"*{sd}"}
@@ -272,7 +272,7 @@ def main(argv=None):
         raise SystemExit("bench_wkv7 needs a CUDA device")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
 
-    impls = {}
+    impls = {}  # fla first, so every later row can print its ratio as soon as it is measured
     for cfg in args.config:
         impls["chunk" + (json.dumps(cfg, separators=(",", ":")) if cfg else "")] = configured(ours("chunk"), cfg)
     if not args.no_recurrent:
@@ -281,7 +281,7 @@ def main(argv=None):
     if fla is None:
         print(f"[fla skipped: {why}]")
     else:
-        impls["fla"] = fla
+        impls = {"fla": fla, **impls}
         if args.fla_lower_bound:
             fla_lb, why = fla_fn(lower_bound=-math.exp(-0.5))
             if fla_lb is None:
@@ -297,24 +297,25 @@ def main(argv=None):
         pass
 
     print(f"{'shape (BxTxH)':>16} {'impl':>16} {'fwd ms':>9} {'fwd+bwd ms':>11} {'vs fla':>7} "
-          f"{'y err':>9} {'max grad err':>12}")
+          f"{'y err':>9} {'max grad err':>12}", flush=True)
     for B, T, H in shapes:
         xs = make_inputs(B, T, H)
         sl = [x[:1, : args.ref_T, : args.ref_H].contiguous() for x in xs]
         ref = reference(sl)
-        results = {}
+        fla_fb = None
         for name, fn in impls.items():
             try:
                 f, fb = bench_one(fn, xs, args.iters)
                 gerr, yerr = errors(fn, sl, ref)
-                results[name] = (f, fb, yerr, gerr)
             except Exception as e:  # noqa: BLE001
-                print(f"{B}x{T}x{H:>3} {name:>16}  failed: {e!r}")
-            torch.cuda.empty_cache()
-        fla_fb = results.get("fla", (None, None))[1]
-        for name, (f, fb, yerr, gerr) in results.items():
+                print(f"{B}x{T}x{H:>3} {name:>16}  failed: {e!r}", flush=True)
+                continue
+            finally:
+                torch.cuda.empty_cache()
+            fla_fb = fb if name == "fla" else fla_fb
             ratio = f"{fla_fb / fb:6.2f}x" if fla_fb else "   n/a"
-            print(f"{f'{B}x{T}x{H}':>16} {name:>16} {f:9.3f} {fb:11.3f} {ratio:>7} {yerr:9.2e} {gerr:12.2e}")
+            print(f"{f'{B}x{T}x{H}':>16} {name:>16} {f:9.3f} {fb:11.3f} {ratio:>7} {yerr:9.2e} {gerr:12.2e}",
+                  flush=True)
         if args.profile:
             for name, fn in impls.items():
                 if name.startswith("chunk"):

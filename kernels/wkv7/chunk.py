@@ -75,6 +75,11 @@ CONFIG = {
     "state_warps": 2,
     "chunk_warps": 1,  # the per-chunk parallel kernels (_prep, _fwd_out)
     "grad_warps": 4,
+    # _bwd_grads works through the [64, 64] state and its gradient in blocks of grad_bv value rows. 64
+    # (one block; v, dy loaded late) cut its spills from 348 to 196 B under Triton 3.6 and its time from
+    # 7.37 to 7.10 ms at 8x4096x64 on an H100; 32 keeps more accumulators live across the loop and
+    # spills 1.6 KB (39.5 ms in all, against 13.9).
+    "grad_bv": 64,
     "scan_bv": 32,  # the group scan of the two-level pass (a 64x64 fp32 product per group)
     "scan_warps": 4,
     "fuse_out": False,  # compute y inside the forward state pass (else a separate parallel kernel)
@@ -85,8 +90,8 @@ CONFIG = {
     # inputs' worth of memory, fastest. 4: one [64, 64] state per 64 tokens (one input's worth); backward
     # restores the others (_restore_states), +2.9 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
     "checkpoint_chunks": 1,
-    # Keep the forward's W, Q factors for backward (fp32, about two inputs' worth more memory) instead of
-    # recomputing them (_prep, 1.5 ms at 8x4096x64 on an H100); not timed yet.
+    # Keep the forward's W, Q factors for backward (fp32: 2.5 bf16 inputs' worth more memory) instead of
+    # recomputing them with _prep: 14.19 -> 13.23 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
     "save_wy": False,
     # The sequential passes over chunks can be split into groups of chunks (two-level scan: each
     # group's affine map S -> S P + X in parallel, a short scan over groups, then the chunks again
@@ -439,7 +444,7 @@ def _bwd_grads_kernel(
     r, w, k, v, a, b, dy, states, dstates,
     dr, dw, dk, dv, da, db,
     cu_seqlens, chunk_indices, T, NT,
-    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
 ):
     i_c = tl.program_id(0)
@@ -452,10 +457,7 @@ def _bwd_grads_kernel(
     k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
     a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
     b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
-    v_c = _load_rows(v, t0, eos, i_h, o_k, H, N, BT)
-    dy_c = _load_rows(dy, t0, eos, i_h, o_k, H, N, BT)
     base = i_c.to(tl.int64) * H + i_h
-    o_s = o_k[:, None] * N + o_k[None, :]
 
     # recompute the chunk's forward quantities
     G, at, bh, kh, Aak, M, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC, EXACT)
@@ -464,30 +466,46 @@ def _bwd_grads_kernel(
     lower = o_t[:, None] >= o_t[None, :]
     Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
     Ark = tl.where(lower, _dot(rt, tl.trans(kh), PREC), 0.0)
-    # the two [N, N] tiles are loaded late and used up early (register pressure). dS is taken with
-    # its key columns scaled by e^{gC} (dSg), which folds the chunk-end decay of bh, kh into it.
-    S0 = tl.load(states + base * N * N + o_s).to(tl.float32)
-    dSg = tl.load(dstates + base * N * N + o_s).to(tl.float32) * tl.exp(tl.sum(w_c, axis=0))[None, :]
-    dgC = tl.sum(dSg * S0, axis=0)  # dL/dgC, the state part
-    U = _dot(Wm, tl.trans(S0), PREC) + _dot(Qm, v_c, PREC)  # [BT, V]
-
-    # back through Y = rt S0^T + Arb U + Ark V and S_end = S0 e^{gC} + U^T bh e^{gC} + V^T kh e^{gC},
-    # and through U = W S0^T + Q V (every product with S0 or dS first, so that they die early);
-    # dbh, dkh start with the S_end terms
-    dU = _dot(tl.trans(Arb), dy_c, PREC) + _dot(bh, tl.trans(dSg), PREC)
-    dW = _dot(dU, S0, PREC)
-    drt = _dot(dy_c, S0, PREC)
-    dbh = _dot(U, dSg, PREC)
-    dkh = _dot(v_c, dSg, PREC)
+    # Everything that touches the chunk's [N, N] state S0 and its gradient dS (and v, dy, loaded only
+    # here) is one loop over blocks of BV value rows (CONFIG["grad_bv"]). dS is taken with its key
+    # columns scaled by e^{gC} (dSg), which folds the chunk-end decay of bh, kh into it.
+    # Back through Y = rt S0^T + Arb U + Ark V, S_end = S0 e^{gC} + U^T bh e^{gC} + V^T kh e^{gC} and
+    # U = W S0^T + Q V, one value block at a time; dbh, dkh start with the S_end terms.
+    egC = tl.exp(tl.sum(w_c, axis=0))
+    dW = tl.zeros([BT, N], dtype=tl.float32)
+    drt = tl.zeros([BT, N], dtype=tl.float32)
+    dbh = tl.zeros([BT, N], dtype=tl.float32)
+    dkh = tl.zeros([BT, N], dtype=tl.float32)
+    dArb = tl.zeros([BT, BT], dtype=tl.float32)
+    dArk = tl.zeros([BT, BT], dtype=tl.float32)
+    dQ = tl.zeros([BT, BT], dtype=tl.float32)
+    dgC = tl.zeros([N], dtype=tl.float32)  # dL/dgC
+    for v0 in range(0, N, BV):
+        o_v = v0 + tl.arange(0, BV)
+        o_s = o_v[:, None] * N + o_k[None, :]
+        S0 = tl.load(states + base * N * N + o_s).to(tl.float32)  # [BV, K]
+        dSg = tl.load(dstates + base * N * N + o_s).to(tl.float32) * egC[None, :]
+        v_b = _load_rows(v, t0, eos, i_h, o_v, H, N, BT)  # [BT, BV]
+        dy_b = _load_rows(dy, t0, eos, i_h, o_v, H, N, BT)
+        dgC += tl.sum(dSg * S0, axis=0)
+        U = _dot(Wm, tl.trans(S0), PREC) + _dot(Qm, v_b, PREC)
+        dU = _dot(tl.trans(Arb), dy_b, PREC) + _dot(bh, tl.trans(dSg), PREC)
+        dW += _dot(dU, S0, PREC)
+        drt += _dot(dy_b, S0, PREC)
+        dbh += _dot(U, dSg, PREC)
+        dkh += _dot(v_b, dSg, PREC)
+        dv_b = _dot(tl.trans(Ark), dy_b, PREC) + _dot(kh, tl.trans(dSg), PREC) + _dot(tl.trans(Qm), dU, PREC)
+        _store_rows(dv, dv_b, t0, eos, i_h, o_v, H, N, BT)
+        dArb += _dot(dy_b, tl.trans(U), PREC)
+        dArk += _dot(dy_b, tl.trans(v_b), PREC)
+        dQ += _dot(dU, tl.trans(v_b), PREC)
     dgC += tl.sum(dbh * bh + dkh * kh, axis=0)
-    dv_c = _dot(tl.trans(Ark), dy_c, PREC) + _dot(kh, tl.trans(dSg), PREC) + _dot(tl.trans(Qm), dU, PREC)
-    _store_rows(dv, dv_c, t0, eos, i_h, o_k, H, N, BT)
-    dArb = tl.where(lower, _dot(dy_c, tl.trans(U), PREC), 0.0)
-    dArk = tl.where(lower, _dot(dy_c, tl.trans(v_c), PREC), 0.0)
+    dArb = tl.where(lower, dArb, 0.0)
+    dArk = tl.where(lower, dArk, 0.0)
     drt += _dot(dArb, bh, PREC) + _dot(dArk, kh, PREC)
     _store_rows(dr, drt * tl.exp(G), t0, eos, i_h, o_k, H, N, BT)
     # back through W = M at, Q = M Aak, M = (I - Aab)^{-1}
-    dQ = tl.where(strict, _dot(dU, tl.trans(v_c), PREC), 0.0)
+    dQ = tl.where(strict, dQ, 0.0)
     MT = tl.trans(M)
     dM = _dot(dW, tl.trans(at), PREC) + _dot(dQ, tl.trans(Aak), PREC)
     dAak = tl.where(strict, _dot(MT, dQ, PREC), 0.0)
@@ -577,6 +595,8 @@ class _Plan:
         self.total = int(n.sum())
         self.max_chunks = int(n.max()) if len(n) else 0
         self.bv = cfg["state_bv"]
+        if cfg["grad_bv"] not in (16, 32, 64) or N % cfg["grad_bv"]:
+            raise ValueError(f"CONFIG['grad_bv'] must be 16, 32 or 64 (dividing N={N}), got {cfg['grad_bv']}")
         # Two-level scan for the sequential passes when (sequences x heads) cannot fill the GPU.
         gc = cfg["group_chunks"]
         if gc == "auto":
@@ -736,8 +756,8 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None):
     if plan.total:
         _bwd_grads_kernel[(plan.total, H)](
             r, w, k, v, a, b, dy, states, dstates, *grads, plan.cu, plan.indices, T, plan.NT,
-            H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen, PREC=prec,
-            EXACT=_exact(w, plan.cfg), num_warps=plan.cfg["grad_warps"],
+            H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), BV=plan.cfg["grad_bv"], IS_VARLEN=plan.is_varlen,
+            PREC=prec, EXACT=_exact(w, plan.cfg), num_warps=plan.cfg["grad_warps"],
         )
     return (*grads, dh0)
 
