@@ -335,9 +335,10 @@ def compile_only(configs, topk=3, arch=90):
             ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "K1": K1, **tiles["fwd"]}, c["fwd_warps"],
              c["fwd_stages"]),
             ("delta", S._delta_kernel, "delta", {"D": D, "BD": D, "H": H, "BM": 64}, 4, 3),
-            ("dkdv", S._bwd_dkdv_kernel, "dkdv", {**dot, "H": H, "K1": K1, "SPLIT": int(c["dkdv_split"]),
-                                                  "DQ_ATOMIC": bool(c["dq_atomic"]), **tiles["dkdv"]},
-             c["dkdv_warps"], c["dkdv_stages"]),
+            *[(f"dkdv{'' if part == 0 else ' dV' if part == 1 else ' dK'}", S._bwd_dkdv_kernel, "dkdv",
+               {**dot, "H": H, "K1": K1, "SPLIT": int(c["dkdv_split"]), "PART": part,
+                "DQ_ATOMIC": bool(c["dq_atomic"]) and part != 1, **tiles["dkdv"]}, c["dkdv_warps"], c["dkdv_stages"])
+              for part in ((1, 2) if c["dkdv_separate"] else (0,))],
             ("dq_past", S._bwd_dq_past_kernel, "dqp", {**dot, "K1": K1, **tiles["dqp"]}, c["dqp_warps"],
              c["dqp_stages"]),
             ("dq_own", S._bwd_dq_own_kernel, "dq", {**dot, "H": H, "K1": K1, **tiles["dq"]}, c["dq_warps"],

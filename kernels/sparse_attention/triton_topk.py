@@ -31,7 +31,9 @@ Backward (exact; recomputes probabilities from the stored log-sum-exp):
   atomics): it loops over the chunk's own queries (causal) and over the bucket of gathered queries
   that selected the chunk. Config `dkdv_split=N` instead cuts buckets into segments of N queries,
   one program each, adding partial dK/dV atomically into fp32 buffers (bounds the longest program
-  when one chunk is picked by very many queries).
+  when one chunk is picked by very many queries). Config `dkdv_separate=True` runs the kernel twice,
+  for dV and then dK, each with one accumulator (under Triton 3.6 at the default tiles: 84 + 304 B of
+  spills instead of 712 B, for one more q.k^T product per pair; untimed).
 - `_bwd_dq_past_kernel`: per work item, dQ contribution of the selected chunk -> per (query, slot).
 - `_bwd_dq_own_kernel`: per (query tile, head): own-chunk dQ plus the slot partials.
   Config `dq_atomic=True` replaces these two: the dK/dV kernel also computes dS K for every tile and
@@ -69,6 +71,9 @@ CONFIG_GPU = {
     # dQ: False = recomputed per query (dq_past + dq_own kernels, deterministic);
     # True = atomically accumulated by the dK/dV kernel into an fp32 buffer (fewer matmuls).
     "dq_atomic": False,
+    # dK/dV by one kernel with both accumulators (False), or by two launches, one for dV and one for dK
+    # (True: one fp32 [bn, D] accumulator each, fewer live registers, but q.k^T and exp computed twice).
+    "dkdv_separate": False,
     # dK/dV: 0 = one program per key block over the whole bucket of queries that selected its chunk;
     # N > 0 = buckets cut in segments of N queries, partial sums added atomically (fp32), which bounds
     # the longest program when many queries pick the same chunk.
@@ -325,9 +330,11 @@ def _delta_kernel(O, DO, DELTA, T, H: tl.constexpr, D: tl.constexpr, BD: tl.cons
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_hi, cols, scale, scale2, offs_d,
                 dmask, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                GATHER: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr):
+                GATHER: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, PART: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key block over query rows r_lo..r_hi (tokens, or bucket entries); with
-    DQ_ATOMIC also add the rows' dQ contributions into the fp32 buffer DQACC (FlashAttention-2 style)."""
+    DQ_ATOMIC also add the rows' dQ contributions into the fp32 buffer DQACC (FlashAttention-2 style).
+    PART: 0 both, 1 dV only, 2 dK only (the other accumulator is left as it came in)."""
     for r0 in range(r_lo, r_hi, BM):
         idx = r0 + tl.arange(0, BM)
         rmask = idx < r_hi
@@ -346,10 +353,12 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_h
         p_t = tl.exp2(kq - lse[None, :])
         if CAUSAL:
             p_t = tl.where((t[None, :] >= cols[:, None]) & rmask[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        if PART != 2:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        if PART != 1:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC) * scale
             tl.atomic_add(DQACC + tok[:, None] * D + offs_d[None, :], dq, mask=lmask)
@@ -360,8 +369,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_h
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, OFFS, WB, WS, CH_START, CH_END, DQACC, T, NC, NKB, BH,
                      scale, scale2, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
-    """dK, dV of one block of BN keys of one chunk.
+                     PART: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK, dV of one block of BN keys of one chunk (PART 0), or only dV (1) or only dK (2).
 
     SPLIT == 0: one program per (head, chunk, key block) owns the block: own-chunk queries plus the
     whole bucket of gathered queries, plain stores. SPLIT > 0: the bucket is cut in segments of SPLIT
@@ -416,19 +425,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, OFFS, WB, WS, CH_STA
         # Own-chunk queries: the diagonal rows (causal mask), then the rows below the block (all visible).
         diag_end = tl.minimum(kstart + BN, cend)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, kstart, diag_end, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, True, DQ_ATOMIC, DOT_PREC)
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, True, DQ_ATOMIC, PART, DOT_PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, diag_end, cend, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, False, DQ_ATOMIC, DOT_PREC)
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, False, DQ_ATOMIC, PART, DOT_PREC)
     if K1 > 0:
         # Queries of later chunks that selected this chunk.
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, seg_lo, seg_hi, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, True, False, DQ_ATOMIC, DOT_PREC)
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, True, False, DQ_ATOMIC, PART, DOT_PREC)
     if SPLIT > 0:
-        tl.atomic_add(DK + kv_off, dk * scale, mask=kvmask)
-        tl.atomic_add(DV + kv_off, dv, mask=kvmask)
+        if PART != 1:
+            tl.atomic_add(DK + kv_off, dk * scale, mask=kvmask)
+        if PART != 2:
+            tl.atomic_add(DV + kv_off, dv, mask=kvmask)
     else:
-        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
-        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kvmask)
+        if PART != 1:
+            tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
+        if PART != 2:
+            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kvmask)
 
 
 @triton.jit
@@ -699,10 +712,12 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         dv = torch.empty_like(v)
         wb = ws = offs
         grid = (B * H * NC * nkb,)
-    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC, nkb,
-                           B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"], BN=cfg["dkdv_bn"],
-                           SPLIT=split, DQ_ATOMIC=atomic, DOT_PREC=prec,
-                           num_warps=cfg["dkdv_warps"], num_stages=cfg["dkdv_stages"])
+    # dkdv_separate: dV and dK by two launches, each with one accumulator (dQ atomics ride with dK)
+    for part in (1, 2) if cfg["dkdv_separate"] else (0,):
+        _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC,
+                               nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"],
+                               BN=cfg["dkdv_bn"], SPLIT=split, DQ_ATOMIC=atomic and part != 1, PART=part,
+                               DOT_PREC=prec, num_warps=cfg["dkdv_warps"], num_stages=cfg["dkdv_stages"])
     if split > 0:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     if atomic:
