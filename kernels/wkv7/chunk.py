@@ -43,7 +43,8 @@ Kernels (grid):
 Saved for backward: the inputs and the chunk states ([n_chunks, H, 64, 64], fp32 for fp32 inputs, bf16
 for bf16/fp16 inputs: four bf16 inputs' worth), or with CONFIG["checkpoint_chunks"] = c only every c-th
 of them, the others restored in backward (_restore_states: short walks from every checkpoint, in
-parallel); everything else is recomputed.
+parallel), or with checkpoint_chunks = 0 none (backward runs the forward state pass again, from the
+initial state); everything else is recomputed.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ CONFIG = {
     # Every checkpoint_chunks-th chunk state is saved for backward. 1 (default): all of them, bf16, four
     # inputs' worth of memory, fastest. 4: one [64, 64] state per 64 tokens (one input's worth); backward
     # restores the others (_restore_states), +2.9 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
+    # 0: none, only the inputs (and initial state) are kept, as fla does; backward runs the forward
+    # state pass again (untimed; about one _fwd_state more, 1.8 ms at 8x4096x64).
     "checkpoint_chunks": 1,
     # Keep the forward's W, Q factors for backward (fp32: 2.5 bf16 inputs' worth more memory) instead of
     # recomputing them with _prep: 14.19 -> 13.23 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
@@ -606,9 +609,10 @@ class _Plan:
         self.grouped = 0 < gc < self.max_chunks
         self.groups = self.grouping(gc) if self.grouped else None
         ck = int(cfg["checkpoint_chunks"])
-        if ck < 1:
-            raise ValueError(f"CONFIG['checkpoint_chunks'] must be >= 1, got {ck}")
+        if ck < 0:
+            raise ValueError(f"CONFIG['checkpoint_chunks'] must be >= 0 (0: save no states), got {ck}")
         self.ckpt = self.grouping(ck) if ck > 1 and self.total else None
+        self.save_states = ck != 0  # else backward recomputes them all from the initial state
 
     def grouping(self, gc):
         return _Grouping(self.n, self.NT, gc, self.is_varlen, self.device)
@@ -667,29 +671,14 @@ def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_sta
     B, T, H, N = r.shape
     plan = _Plan(B, T, H, N, cu_seqlens, r.device)
     BT = plan.bt
-    dev, prec, bv = r.device, _prec(r, plan.cfg), plan.bv
+    dev, prec = r.device, _prec(r, plan.cfg)
     Wbuf, Qbuf = _prep(w, k, a, b, plan)
     fuse = bool(plan.cfg["fuse_out"])
     store_states = need_states or not fuse
     states = torch.empty(max(plan.total, 1), H, N, N, dtype=_state_dtype(r, plan.cfg), device=dev) if store_states else None
     ht = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if output_final_state else None
     y = torch.empty_like(r)
-    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["state_warps"])
-    gstates = Xbuf = None
-    ngrid = plan.groups.max_groups if plan.grouped else 1
-    if plan.grouped:
-        Xbuf = torch.empty(plan.groups.total, H, 2 * N, N, dtype=torch.float32, device=dev)
-        gstates = torch.empty(plan.groups.total, H, N, N, dtype=torch.float32, device=dev)
-        _fwd_state_kernel[(2 * N // bv, plan.NS * H, ngrid)](
-            r, w, k, v, b, y, Wbuf, Qbuf, None, None, None, None, Xbuf, *plan.seq_args(),
-            USE_H0=False, STORE_HT=False, STORE_STATES=False, FUSE_OUT=False, GROUPED=True, AUG=True, **common,
-        )
-        _scan(initial_state, ht, gstates, Xbuf, plan, reverse=False, exact=_exact(r, plan.cfg))
-    _fwd_state_kernel[(N // bv, plan.NS * H, ngrid)](
-        r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, gstates, Xbuf, *plan.seq_args(),
-        USE_H0=initial_state is not None, STORE_HT=output_final_state and not plan.grouped,
-        STORE_STATES=store_states, FUSE_OUT=fuse, GROUPED=plan.grouped, AUG=False, **common,
-    )
+    _state_pass(r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, plan, fuse)
     if not fuse and plan.total:
         _fwd_out_kernel[(plan.total, H)](
             r, w, k, v, b, y, Wbuf, Qbuf, states, plan.cu, plan.indices, T, plan.NT,
@@ -697,8 +686,33 @@ def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_sta
         )
     if need_states and plan.ckpt is not None:  # keep every checkpoint_chunks-th state only
         states = states[plan.checkpoint_index()]
+    if not plan.save_states:
+        states = None
     wy = (Wbuf, Qbuf) if need_states and plan.cfg["save_wy"] else None
     return y, ht, states, plan, wy
+
+
+def _state_pass(r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, plan, fuse):
+    """The forward's sequential pass: the state entering every chunk -> `states` (if given), the final
+    state -> `ht` (if given), y too with `fuse`; a two-level scan over groups when the plan has them."""
+    H, N, bv = plan.H, plan.N, plan.bv
+    common = dict(H=H, N=N, BT=plan.bt, BV=bv, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg),
+                  num_warps=plan.cfg["state_warps"])
+    gstates = Xbuf = None
+    ngrid = plan.groups.max_groups if plan.grouped else 1
+    if plan.grouped:
+        Xbuf = torch.empty(plan.groups.total, H, 2 * N, N, dtype=torch.float32, device=r.device)
+        gstates = torch.empty(plan.groups.total, H, N, N, dtype=torch.float32, device=r.device)
+        _fwd_state_kernel[(2 * N // bv, plan.NS * H, ngrid)](
+            r, w, k, v, b, y, Wbuf, Qbuf, None, None, None, None, Xbuf, *plan.seq_args(),
+            USE_H0=False, STORE_HT=False, STORE_STATES=False, FUSE_OUT=False, GROUPED=True, AUG=True, **common,
+        )
+        _scan(initial_state, ht, gstates, Xbuf, plan, reverse=False, exact=_exact(r, plan.cfg))
+    _fwd_state_kernel[(N // bv, plan.NS * H, ngrid)](
+        r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, gstates, Xbuf, *plan.seq_args(),
+        USE_H0=initial_state is not None, STORE_HT=ht is not None and not plan.grouped,
+        STORE_STATES=states is not None, FUSE_OUT=fuse, GROUPED=plan.grouped, AUG=False, **common,
+    )
 
 
 def _scan(init, final, gstates, Xbuf, plan, reverse, exact):
@@ -726,13 +740,17 @@ def _restore_states(r, w, k, v, b, Wbuf, Qbuf, ckpt, plan):
     return states
 
 
-def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None):
-    """Gradients of every input; `wy` = the forward's (W, Q) factors when it kept them (save_wy)."""
+def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, initial_state=None):
+    """Gradients of every input; `wy` = the forward's (W, Q) factors when it kept them (save_wy);
+    `states` None (checkpoint_chunks 0): recomputed here from `initial_state`."""
     BT = plan.bt
     B, T, H, N = r.shape
     dev, prec, bv = r.device, _prec(r, plan.cfg), plan.bv
     Wbuf, Qbuf = wy if wy is not None else _prep(w, k, a, b, plan)
-    if plan.ckpt is not None:
+    if not plan.save_states:
+        states = torch.empty(max(plan.total, 1), H, N, N, dtype=_state_dtype(r, plan.cfg), device=dev)
+        _state_pass(r, w, k, v, b, None, Wbuf, Qbuf, initial_state, None, states, plan, fuse=False)
+    elif plan.ckpt is not None:
         states = _restore_states(r, w, k, v, b, Wbuf, Qbuf, states, plan)
     del Qbuf
     dstates = torch.empty_like(states)
@@ -768,18 +786,19 @@ class _ChunkWKV7Function(torch.autograd.Function):
         y, ht, states, plan, wy = chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state,
                                                  need_states=need_states)
         if need_states:
-            ctx.save_for_backward(r, w, k, v, a, b, states, *(wy or ()))
+            h0 = None if plan.save_states else initial_state  # to recompute the states from
+            ctx.save_for_backward(r, w, k, v, a, b, states, h0, *(wy or ()))
         ctx.plan = plan
         ctx.h0_dtype = None if initial_state is None else initial_state.dtype
         return y, ht
 
     @staticmethod
     def backward(ctx, dy, dht):
-        r, w, k, v, a, b, states, *wy = ctx.saved_tensors
+        r, w, k, v, a, b, states, h0, *wy = ctx.saved_tensors
         need_dh0 = ctx.h0_dtype is not None and ctx.needs_input_grad[6]
         dr, dw, dk, dv, da, db, dh0 = chunk_wkv7_bwd(
             r, w, k, v, a, b, dy.contiguous(), None if dht is None else dht.contiguous(), states, ctx.plan, need_dh0,
-            wy=wy or None,
+            wy=wy or None, initial_state=h0,
         )
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
