@@ -151,6 +151,7 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"checkpoint_chunks": 3, "group_chunks": 2}, id="checkpoints3-grouped"),
         pytest.param({"checkpoint_chunks": 0}, id="no-checkpoints"),
         pytest.param({"checkpoint_chunks": 0, "group_chunks": 2, "save_wy": True}, id="no-checkpoints-grouped"),
+        pytest.param({"checkpoint_chunks": 0, "fuse_out": True}, id="no-checkpoints-fused"),
         pytest.param({"grad_bv": 16}, id="grad-bv16"),
         pytest.param({"grad_bv": 32, "chunk_len": 32}, id="grad-bv32-chunk32"),
     ],

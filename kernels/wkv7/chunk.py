@@ -674,7 +674,7 @@ def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_sta
     dev, prec = r.device, _prec(r, plan.cfg)
     Wbuf, Qbuf = _prep(w, k, a, b, plan)
     fuse = bool(plan.cfg["fuse_out"])
-    store_states = need_states or not fuse
+    store_states = (need_states and plan.save_states) or not fuse  # _fwd_out reads them unless fused
     states = torch.empty(max(plan.total, 1), H, N, N, dtype=_state_dtype(r, plan.cfg), device=dev) if store_states else None
     ht = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if output_final_state else None
     y = torch.empty_like(r)
