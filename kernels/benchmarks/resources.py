@@ -22,8 +22,16 @@ def _ptxas_candidates():
     return [os.path.join(bin_dir, name) for name in ("ptxas", "ptxas-blackwell")]
 
 
+def tensor_core_path(ptx: str) -> str:
+    """Which matrix instructions the PTX uses: Hopper's warpgroup `wgmma` (the fast path, needs 64-row
+    tiles per warpgroup) or the older per-warp `mma.sync`, by count."""
+    wgmma = ptx.count("wgmma.mma_async")
+    mma = len(re.findall(r"\bmma\.sync", ptx))
+    return f"wgmma {wgmma}, mma.sync {mma}"
+
+
 def ptxas_report(compiled, arch: str = "sm_90a") -> str:
-    """'regs R, spills S B, smem M B' for a kernel returned by triton.compile (or why it is unknown)."""
+    """'regs R, spills S B, smem M B, wgmma W, mma.sync M' for a kernel returned by triton.compile."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -37,8 +45,8 @@ def ptxas_report(compiled, arch: str = "sm_90a") -> str:
                 regs = re.search(r"Used (\d+) registers", out.stderr)
                 spills = re.search(r"(\d+) bytes spill stores", out.stderr)
                 return (f"regs {regs.group(1) if regs else '?'}, spills {spills.group(1) if spills else '?'} B, "
-                        f"smem {compiled.metadata.shared} B")
-    return "ptxas report unavailable"
+                        f"smem {compiled.metadata.shared} B, {tensor_core_path(compiled.asm['ptx'])}")
+    return f"ptxas report unavailable, {tensor_core_path(compiled.asm['ptx'])}"
 
 
 class Compiler:
