@@ -228,10 +228,14 @@ def compile_only(arch=90):
                   f"bwd_grads {prec}/{exact} varlen={varlen}")
         for sd in ("fp32", "bf16"):
             t = {**base, "states": f"*{sd}", "dstates": f"*{sd}"}
-            for aug, grouped, fuse in [(False, False, True), (False, False, False), (True, True, False), (False, True, True)]:
-                c = dict(H=H, N=N, BT=16, BV=bv, USE_H0=True, STORE_HT=not grouped, STORE_STATES=not aug,
+            # (aug, grouped, fuse, store): store=False with fuse is a fused forward that keeps no states
+            for aug, grouped, fuse, store in [(False, False, True, True), (False, False, False, True),
+                                              (True, True, False, False), (False, True, True, True),
+                                              (False, False, True, False)]:
+                c = dict(H=H, N=N, BT=16, BV=bv, USE_H0=True, STORE_HT=not grouped, STORE_STATES=store,
                          FUSE_OUT=fuse, GROUPED=grouped, AUG=aug, IS_VARLEN=varlen, PREC="tf32")
-                build(C._fwd_state_kernel, t, c, sw, f"fwd_state aug={aug} grouped={grouped} fuse={fuse} {sd} varlen={varlen}")
+                build(C._fwd_state_kernel, t, c, sw,
+                      f"fwd_state aug={aug} grouped={grouped} fuse={fuse} store={store} {sd} varlen={varlen}")
                 c = dict(H=H, N=N, BT=16, BV=bv, USE_DHT=True, STORE_DH0=not grouped, GROUPED=grouped, AUG=aug,
                          IS_VARLEN=varlen, PREC="tf32")
                 build(C._bwd_state_kernel, t, c, sw, f"bwd_state aug={aug} grouped={grouped} {sd} varlen={varlen}")

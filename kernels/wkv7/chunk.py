@@ -91,7 +91,8 @@ CONFIG = {
     # inputs' worth of memory, fastest. 4: one [64, 64] state per 64 tokens (one input's worth); backward
     # restores the others (_restore_states), +2.9 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
     # 0: none, only the inputs (and initial state) are kept, as fla does; backward runs the forward
-    # state pass again (untimed; about one _fwd_state more, 1.8 ms at 8x4096x64).
+    # state pass again (untimed; about one _fwd_state more, 1.8 ms at 8x4096x64). The initial state is
+    # then saved: writing into it in place before backward makes autograd raise.
     "checkpoint_chunks": 1,
     # Keep the forward's W, Q factors for backward (fp32: 2.5 bf16 inputs' worth more memory) instead of
     # recomputing them with _prep: 14.19 -> 13.23 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
