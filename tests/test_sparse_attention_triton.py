@@ -57,7 +57,7 @@ def assert_close(got, want, tol):
 
 def check_against_oracle(q, k, v, upstream, cu_seqlens=None, config=None, **sizes):
     if DEVICE == "cuda" and config:  # the tiny interpreter tiles are below tl.dot's minimum on GPUs
-        config = {key: val for key, val in config.items() if key in ("dq_atomic", "dkdv_split", "dkdv_separate")}
+        config = {key: val for key, val in config.items() if key in ("dq_atomic", "dkdv_split", "sel_prec")}
     got = output_and_grads(sparse_attention_triton, q, k, v, upstream, torch.float32, DEVICE,
                            cu_seqlens=cu_seqlens, config=config, **sizes)
     want = output_and_grads(sparse_attention_dense_mask, q, k, v, upstream, torch.float64,
@@ -79,8 +79,7 @@ def check_against_oracle(q, k, v, upstream, cu_seqlens=None, config=None, **size
         (2, 100, 2, 16, 8, 3, 6, {"dq_atomic": True}),  # dQ accumulated atomically by the dK/dV kernel
         (1, 130, 2, 16, 8, 4, 7, {"dkdv_split": 8, "dq_atomic": True}),  # buckets split across programs
         (2, 96, 1, 16, 16, 3, 8, {"dkdv_split": 16}),
-        (2, 100, 2, 16, 8, 3, 9, {"dkdv_separate": True}),  # dV and dK by two launches
-        (1, 130, 2, 16, 8, 4, 10, {"dkdv_separate": True, "dkdv_split": 8, "dq_atomic": True}),
+        (2, 100, 2, 16, 8, 3, 9, {"sel_prec": "ieee"}),  # exact fp32 chunk scores
     ],
 )
 def test_matches_dense_mask_oracle(B, T, H, D, chunk_size, topk, seed, config):
@@ -117,6 +116,27 @@ def test_ties_pick_the_earlier_chunk():
     assert (top2[:, late, :, 0] == 1).all() and (top2[:, late, :, 1] == 3).all()
     for topk in (2, 3):
         check_against_oracle(q.double(), k.double(), v.double(), upstream.double(), chunk_size=cs, topk=topk)
+
+
+@needs_kernels
+@pytest.mark.parametrize("topk", [2, 4, 8])  # 4: chunks 40 and 41 tie for the last slot
+@pytest.mark.parametrize("sel_prec", ["tf32x3", "ieee"])
+def test_selection_over_many_chunks_with_ties(topk, sel_prec):
+    """Many chunks (several blocks of chunks per query tile) and exact ties inside and across blocks: the
+    reference's choice, best first, earlier chunk on ties, with either precision of the chunk scores."""
+    B, T, H, D, cs = 1, 300, 2, 16, 4
+    q, k, _, _ = random_qkv(B, T, H, D, seed=11 + topk, dtype=torch.float32)
+    boost = 2.0 * torch.ones(D)
+    q = q + boost
+    k[:, 3 * cs : 4 * cs] += boost
+    for copy in (21, 40, 41):  # identical to chunk 3, later, some in other blocks of 16 chunks
+        k[:, copy * cs : (copy + 1) * cs] = k[:, 3 * cs : 4 * cs]
+    config = {"sel_prec": sel_prec}
+    got = chunk_selection_triton(q.to(DEVICE), k.to(DEVICE), cs, topk, config=config).cpu()
+    want = chunk_selection(q, k, cs, topk)
+    assert torch.equal(got, want)
+    n = min(3, topk - 1)  # the tied copies, earliest first
+    assert (got[:, 42 * cs :, :, :n] == torch.tensor([3, 21, 40][:n])).all()
 
 
 @needs_kernels

@@ -149,7 +149,8 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"save_wy": True, "checkpoint_chunks": 2}, id="saved-wy-checkpoints2"),
         pytest.param({"checkpoint_chunks": 2, "state_bv": 32}, id="checkpoints2-bv32"),
         pytest.param({"checkpoint_chunks": 3, "group_chunks": 2}, id="checkpoints3-grouped"),
-        pytest.param({"checkpoint_chunks": 0}, id="no-checkpoints"),
+        pytest.param({"checkpoint_chunks": 1}, id="every-chunk"),
+        pytest.param({"checkpoint_chunks": 1, "group_chunks": 2, "fuse_out": True}, id="every-chunk-grouped-fused"),
         pytest.param({"checkpoint_chunks": 0, "group_chunks": 2, "save_wy": True}, id="no-checkpoints-grouped"),
         pytest.param({"checkpoint_chunks": 0, "fuse_out": True}, id="no-checkpoints-fused"),
         pytest.param({"grad_bv": 16}, id="grad-bv16"),
@@ -173,14 +174,15 @@ def test_chunk_configs(cfg, B, T, H, cu):
 
 @pytest.mark.parametrize(
     "cfg,extra_inputs",
-    [({}, 4), ({"checkpoint_chunks": 4}, 1), ({"save_wy": True}, 4 + 1 + 0.25), ({"checkpoint_chunks": 0}, 0)],
-    ids=["every-chunk", "every-4th-chunk", "with-wy", "inputs-only"],
+    [({}, 0), ({"checkpoint_chunks": 1}, 4), ({"checkpoint_chunks": 4}, 1),
+     ({"checkpoint_chunks": 1, "save_wy": True}, 4 + 1 + 0.25), ({"save_wy": True}, 1 + 0.25)],
+    ids=["inputs-only", "every-chunk", "every-4th-chunk", "every-chunk-with-wy", "with-wy"],
 )
 def test_chunk_saved_for_backward(cfg, extra_inputs):
-    """Backward memory in elements: the six inputs plus the chunk states, [T / 16, H, 64, 64] (four
-    inputs' worth) by default or [T / 64, H, 64, 64] (one input's worth) with checkpoint_chunks=4, plus
-    W [T, H, 64] and Q [T, H, 16] with save_wy, or the inputs alone with checkpoint_chunks=0 (as fla);
-    each suffices for backward."""
+    """Backward memory in elements: the six inputs alone by default (as fla), plus the chunk states
+    [T / 16, H, 64, 64] (four inputs' worth) with checkpoint_chunks=1 or [T / 64, H, 64, 64] (one input's
+    worth) with checkpoint_chunks=4, plus W [T, H, 64] and Q [T, H, 16] with save_wy; each suffices for
+    backward."""
     from rwkvx_kernels.wkv7 import chunk
 
     xs, _ = make_inputs(1, 128, 2)

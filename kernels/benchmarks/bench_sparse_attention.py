@@ -328,17 +328,16 @@ def compile_only(configs, topk=3, arch=90):
         dot = {"DOT_PREC": "tf32", "D": D, "BD": D}
         kernels = [  # (name, kernel, config prefix, constexprs, warps, stages)
             ("means", S._chunk_means_kernel, "means", {"D": D, "BD": D, "BN": c["means_bn"]}, c["means_warps"], 3),
-            ("select", S._select_kernel, "sel", {"D": D, "BD": D, "K1": K1, "KP": kp, "BM": c["sel_bm"]},
-             c["sel_warps"], 3),
+            ("select", S._select_kernel, "sel", {"D": D, "BD": D, "K1": K1, "KP": kp, "BM": c["sel_bm"],
+                                                 "BG": c["sel_bg"], "SEL_PREC": c["sel_prec"]}, c["sel_warps"], 3),
             ("past_fwd", S._past_fwd_kernel, "past", {**dot, "K1": K1, "EVEN_N": True, **tiles["past"]},
              c["past_warps"], c["past_stages"]),
             ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "K1": K1, **tiles["fwd"]}, c["fwd_warps"],
              c["fwd_stages"]),
             ("delta", S._delta_kernel, "delta", {"D": D, "BD": D, "H": H, "BM": 64}, 4, 3),
-            *[(f"dkdv{'' if part == 0 else ' dV' if part == 1 else ' dK'}", S._bwd_dkdv_kernel, "dkdv",
-               {**dot, "H": H, "K1": K1, "SPLIT": int(c["dkdv_split"]), "PART": part,
-                "DQ_ATOMIC": bool(c["dq_atomic"]) and part != 1, **tiles["dkdv"]}, c["dkdv_warps"], c["dkdv_stages"])
-              for part in ((1, 2) if c["dkdv_separate"] else (0,))],
+            ("dkdv", S._bwd_dkdv_kernel, "dkdv", {**dot, "H": H, "K1": K1, "SPLIT": int(c["dkdv_split"]),
+                                                  "DQ_ATOMIC": bool(c["dq_atomic"]), **tiles["dkdv"]},
+             c["dkdv_warps"], c["dkdv_stages"]),
             ("dq_past", S._bwd_dq_past_kernel, "dqp", {**dot, "K1": K1, **tiles["dqp"]}, c["dqp_warps"],
              c["dqp_stages"]),
             ("dq_own", S._bwd_dq_own_kernel, "dq", {**dot, "H": H, "K1": K1, **tiles["dq"]}, c["dq_warps"],

@@ -11,10 +11,11 @@ Pipeline (inputs contiguous [B, T, H, D]; B*H = BH; NC = number of chunks, all d
 1. `_chunk_means_kernel`: mean key of every chunk, [BH, NC, D] fp32, one pass over K. Every chunk
    is summed by the same code path, so identical key chunks get bit-identical means.
 2. `_select_kernel`: per (query tile, head) a loop over the eligible chunks of the tile's
-   documents; each score is an elementwise product summed over D (the same instructions for every
-   chunk, so equal means give equal scores); a running top-(topk-1) set is kept in registers
-   (replace the worst member when a later chunk scores strictly higher, which is exactly the
-   stable-descending tie rule). Output: `sel` [B, T, H, topk-1] int32 global chunk ids, best
+   documents in blocks of `sel_bg` chunks: one product (tf32x3 tensor-core passes by default, fp32 to
+   about 1e-6 relative; "ieee" for exact fp32) scores a block for the whole tile, the same
+   instructions for every chunk, so equal means give equal scores; a running top-(topk-1) set is
+   kept in registers and updated in a few insertion rounds per block, which keeps exactly the
+   stable-descending tie rule. Output: `sel` [B, T, H, topk-1] int32 global chunk ids, best
    first, -1 padded. Nothing of size T x NC is ever stored.
 3. Inversion (plain torch, O(T*H*topk)): the (query, slot) pairs are sorted by (head, chunk)
    (`perm`, stable, so queries ascend in each bucket) with bucket offsets `offs` [BH*NC + 1]; a work
@@ -31,9 +32,8 @@ Backward (exact; recomputes probabilities from the stored log-sum-exp):
   atomics): it loops over the chunk's own queries (causal) and over the bucket of gathered queries
   that selected the chunk. Config `dkdv_split=N` instead cuts buckets into segments of N queries,
   one program each, adding partial dK/dV atomically into fp32 buffers (bounds the longest program
-  when one chunk is picked by very many queries). Config `dkdv_separate=True` runs the kernel twice,
-  for dV and then dK, each with one accumulator (under Triton 3.6 at the default tiles: 84 + 304 B of
-  spills instead of 712 B, for one more q.k^T product per pair; untimed).
+  when one chunk is picked by very many queries). Tiles are [queries, keys], so k and v stay in
+  shared memory as right-hand operands.
 - `_bwd_dq_past_kernel`: per work item, dQ contribution of the selected chunk -> per (query, slot).
 - `_bwd_dq_own_kernel`: per (query tile, head): own-chunk dQ plus the slot partials.
   Config `dq_atomic=True` replaces these two: the dK/dV kernel also computes dS K for every tile and
@@ -62,18 +62,19 @@ __all__ = ["sparse_attention_triton", "chunk_selection_triton", "prepare_selecti
 # Launch parameters. *_bm = query rows per tile, *_bn = key rows per tile.
 CONFIG_GPU = {
     "means_bn": 64, "means_warps": 4,
-    "sel_bm": 64, "sel_warps": 4,
+    # sel_bg: chunks scored per block by one product; sel_prec: its precision, "tf32x3" (tensor cores,
+    # fp32 to about 1e-6 relative: 1.5 ms at 64K tokens, chunk 128) or "ieee" (exact fp32 on the FMA
+    # units, about 7 ms there)
+    "sel_bm": 64, "sel_warps": 4, "sel_bg": 32, "sel_prec": "tf32x3",
     "fwd_bm": 128, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 3,
     "past_bm": 128, "past_bn": 64, "past_warps": 4, "past_stages": 3,
-    "dkdv_bn": 128, "dkdv_bm": 32, "dkdv_warps": 4, "dkdv_stages": 3,
+    "dkdv_bn": 128, "dkdv_bm": 128, "dkdv_warps": 8, "dkdv_stages": 3,
     "dq_bm": 128, "dq_bn": 32, "dq_warps": 4, "dq_stages": 3,
     "dqp_bm": 128, "dqp_bn": 32, "dqp_warps": 4, "dqp_stages": 3,
     # dQ: False = recomputed per query (dq_past + dq_own kernels, deterministic);
-    # True = atomically accumulated by the dK/dV kernel into an fp32 buffer (fewer matmuls).
+    # True = atomically accumulated by the dK/dV kernel into an fp32 buffer (fewer matmuls, but the
+    # atomics cost more: 33.2 vs 17.6 ms fwd+bwd at 64K tokens on an H200).
     "dq_atomic": False,
-    # dK/dV by one kernel with both accumulators (False), or by two launches, one for dV and one for dK
-    # (True: one fp32 [bn, D] accumulator each, fewer live registers, but q.k^T and exp computed twice).
-    "dkdv_separate": False,
     # dK/dV: 0 = one program per key block over the whole bucket of queries that selected its chunk;
     # N > 0 = buckets cut in segments of N queries, partial sums added atomically (fp32), which bounds
     # the longest program when many queries pick the same chunk.
@@ -81,7 +82,7 @@ CONFIG_GPU = {
 }
 # The CPU interpreter: the same keys with 16-row tiles, one warp, no pipelining (tiny test shapes).
 CONFIG_INTERPRET = {
-    key: 16 if key.endswith(("_bm", "_bn")) else 1 if key.endswith(("_warps", "_stages")) else val
+    key: 16 if key.endswith(("_bm", "_bn", "_bg")) else 1 if key.endswith(("_warps", "_stages")) else val
     for key, val in CONFIG_GPU.items()
 }
 
@@ -121,7 +122,17 @@ def _chunk_means_kernel(K, MEANS, CH_START, CH_END, T, H, NC,
 
 @triton.jit
 def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, T, H, NC,
-                   D: tl.constexpr, BD: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr):
+                           D: tl.constexpr, BD: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
+                           BM: tl.constexpr, BG: tl.constexpr, SEL_PREC: tl.constexpr):
+    """Top-(K1) past chunks of every query of a BM-row tile, best first (score desc, chunk id asc).
+
+    Chunks are taken BG at a time: one product scores the block for the whole tile (every chunk by the
+    same instructions, so equal means give equal scores), then as many insertion rounds as the tile's
+    row with the most candidates above its current worst member needs (at most K1). A round takes every
+    row's best remaining candidate (higher score, then lower id) and puts it in place of the worst
+    member (lowest score, then highest id) when it scores strictly higher. Members always have lower
+    ids than the block's chunks, so this keeps exactly the stable-descending top-K1 set. Padding slots
+    (KP > K1) hold +inf so they are never the worst member."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -139,22 +150,28 @@ def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, T, H, NC,
     g_hi = tl.max(tl.where(rmask, own, 0), axis=0)
     slot = tl.arange(0, KP)
     real = slot < K1
-    # Members of the running set: real slots start empty (-inf, distinct negative ids); padding
-    # slots (KP > K1) hold +inf so they are never the worst member.
     top_s = tl.zeros([BM, KP], dtype=tl.float32) + tl.where(real, float("-inf"), float("inf"))[None, :]
     top_i = tl.zeros([BM, KP], dtype=tl.int32) + (-1 - slot)[None, :]
     mean_base = MEANS + (bh * NC).to(tl.int64) * D
-    for g in range(g_lo, g_hi):
-        m = tl.load(mean_base + g * D + offs_d, mask=dmask, other=0.0)
-        s = tl.sum(q * m[None, :], axis=1)
-        eligible = (g >= first) & (g < own) & rmask
+    offs_g = tl.arange(0, BG)
+    for g0 in range(g_lo, g_hi, BG):
+        gs = g0 + offs_g
+        m = tl.load(mean_base + gs[:, None] * D + offs_d[None, :], mask=(gs < g_hi)[:, None] & dmask[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(m), input_precision=SEL_PREC)
+        eligible = (gs[None, :] >= first[:, None]) & (gs[None, :] < own[:, None]) & rmask[:, None]
+        s = tl.where(eligible, s, float("-inf"))
         worst_s = tl.min(top_s, axis=1)
-        worst_i = tl.max(tl.where(top_s == worst_s[:, None], top_i, -2147483647), axis=1)
-        take = eligible & (s > worst_s)
-        hit = take[:, None] & (top_i == worst_i[:, None])
-        top_s = tl.where(hit, s[:, None], top_s)
-        top_i = tl.where(hit, g, top_i)
-    # Rank the members best first: higher score, then lower chunk id.
+        rounds = tl.minimum(tl.max(tl.sum((s > worst_s[:, None]).to(tl.int32), axis=1), axis=0), K1)
+        for _ in range(rounds):
+            best = tl.max(s, axis=1)
+            best_g = tl.min(tl.where(s == best[:, None], gs[None, :], 2147483647), axis=1)
+            worst_s = tl.min(top_s, axis=1)
+            worst_i = tl.max(tl.where(top_s == worst_s[:, None], top_i, -2147483647), axis=1)
+            hit = (best > worst_s)[:, None] & (top_i == worst_i[:, None])
+            top_s = tl.where(hit, best[:, None], top_s)
+            top_i = tl.where(hit, best_g[:, None], top_i)
+            s = tl.where(gs[None, :] == best_g[:, None], float("-inf"), s)
     a_s = top_s[:, :, None]
     a_i = top_i[:, :, None]
     o_s = top_s[:, None, :]
@@ -330,11 +347,13 @@ def _delta_kernel(O, DO, DELTA, T, H: tl.constexpr, D: tl.constexpr, BD: tl.cons
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_hi, cols, scale, scale2, offs_d,
                 dmask, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                GATHER: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, PART: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                GATHER: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key block over query rows r_lo..r_hi (tokens, or bucket entries); with
     DQ_ATOMIC also add the rows' dQ contributions into the fp32 buffer DQACC (FlashAttention-2 style).
-    PART: 0 both, 1 dV only, 2 dK only (the other accumulator is left as it came in)."""
+
+    Tiles are [queries, keys] so that k and v stay right-hand operands (shared memory) for the whole
+    loop and P, dS are transposed for the dV, dK products; with 128 x 128 tiles on two warpgroups this
+    was 8.0 ms against 9.0 ms for [keys, queries] tiles (k, v as left operands) at 64K tokens."""
     for r0 in range(r_lo, r_hi, BM):
         idx = r0 + tl.arange(0, BM)
         rmask = idx < r_hi
@@ -349,18 +368,16 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_h
         do = tl.load(DO + tok[:, None] * D + offs_d[None, :], mask=lmask, other=0.0)
         lse = tl.load(LSE + t, mask=rmask, other=0.0)
         delta = tl.load(DELTA + t, mask=rmask, other=0.0)
-        kq = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2
-        p_t = tl.exp2(kq - lse[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        p = tl.exp2(qk - lse[:, None])  # padded rows: q = dO = 0, so they add nothing below
         if CAUSAL:
-            p_t = tl.where((t[None, :] >= cols[:, None]) & rmask[None, :], p_t, 0.0)
-        if PART != 2:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-        if PART != 1:
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+            p = tl.where((t[:, None] >= cols[None, :]) & rmask[:, None], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
         if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC) * scale
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
             tl.atomic_add(DQACC + tok[:, None] * D + offs_d[None, :], dq, mask=lmask)
     return dk, dv
 
@@ -369,8 +386,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_h
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, OFFS, WB, WS, CH_START, CH_END, DQACC, T, NC, NKB, BH,
                      scale, scale2, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                     PART: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dK, dV of one block of BN keys of one chunk (PART 0), or only dV (1) or only dK (2).
+                     DOT_PREC: tl.constexpr):
+    """dK, dV of one block of BN keys of one chunk.
 
     SPLIT == 0: one program per (head, chunk, key block) owns the block: own-chunk queries plus the
     whole bucket of gathered queries, plain stores. SPLIT > 0: the bucket is cut in segments of SPLIT
@@ -425,23 +442,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, OFFS, WB, WS, CH_STA
         # Own-chunk queries: the diagonal rows (causal mask), then the rows below the block (all visible).
         diag_end = tl.minimum(kstart + BN, cend)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, kstart, diag_end, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, True, DQ_ATOMIC, PART, DOT_PREC)
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, True, DQ_ATOMIC, DOT_PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, diag_end, cend, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, False, DQ_ATOMIC, PART, DOT_PREC)
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, False, DQ_ATOMIC, DOT_PREC)
     if K1 > 0:
         # Queries of later chunks that selected this chunk.
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, seg_lo, seg_hi, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, True, False, DQ_ATOMIC, PART, DOT_PREC)
+                             scale, scale2, offs_d, dmask, H, K1, D, BM, True, False, DQ_ATOMIC, DOT_PREC)
     if SPLIT > 0:
-        if PART != 1:
-            tl.atomic_add(DK + kv_off, dk * scale, mask=kvmask)
-        if PART != 2:
-            tl.atomic_add(DV + kv_off, dv, mask=kvmask)
+        tl.atomic_add(DK + kv_off, dk * scale, mask=kvmask)
+        tl.atomic_add(DV + kv_off, dv, mask=kvmask)
     else:
-        if PART != 1:
-            tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
-        if PART != 2:
-            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kvmask)
+        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kvmask)
 
 
 @triton.jit
@@ -614,6 +627,7 @@ def _select(q, k, chunk_size, topk, bounds, cfg):
         KP = max(2, triton.next_power_of_2(K1))
         _select_kernel[(triton.cdiv(T, cfg["sel_bm"]), B * H)](q, means, tok_chunk, ch_first, sel, T, H, NC, D=D,
                                                                BD=BD, K1=K1, KP=KP, BM=cfg["sel_bm"],
+                                                               BG=cfg["sel_bg"], SEL_PREC=cfg["sel_prec"],
                                                                num_warps=cfg["sel_warps"])
     return NC, (ch_start, ch_end, ch_first, tok_chunk), sel
 
@@ -712,12 +726,10 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         dv = torch.empty_like(v)
         wb = ws = offs
         grid = (B * H * NC * nkb,)
-    # dkdv_separate: dV and dK by two launches, each with one accumulator (dQ atomics ride with dK)
-    for part in (1, 2) if cfg["dkdv_separate"] else (0,):
-        _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC,
-                               nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"],
-                               BN=cfg["dkdv_bn"], SPLIT=split, DQ_ATOMIC=atomic and part != 1, PART=part,
-                               DOT_PREC=prec, num_warps=cfg["dkdv_warps"], num_stages=cfg["dkdv_stages"])
+    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC, nkb,
+                           B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"], BN=cfg["dkdv_bn"],
+                           SPLIT=split, DQ_ATOMIC=atomic, DOT_PREC=prec, num_warps=cfg["dkdv_warps"],
+                           num_stages=cfg["dkdv_stages"])
     if split > 0:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     if atomic:

@@ -40,11 +40,11 @@ Kernels (grid):
   the identity (rows N..2N of an "augmented" state) to get each group's affine map S -> S P + X,
   _scan_kernel walks the groups (S <- S P + X, a 64x64 product per group), and the per-chunk walk
   restarts in parallel from every group's entering state.
-Saved for backward: the inputs and the chunk states ([n_chunks, H, 64, 64], fp32 for fp32 inputs, bf16
-for bf16/fp16 inputs: four bf16 inputs' worth), or with CONFIG["checkpoint_chunks"] = c only every c-th
-of them, the others restored in backward (_restore_states: short walks from every checkpoint, in
-parallel), or with checkpoint_chunks = 0 none (backward runs the forward state pass again, from the
-initial state); everything else is recomputed.
+Saved for backward: by default (CONFIG["checkpoint_chunks"] = 0) the inputs and the initial state
+only, as fla does; backward runs the forward state pass again. With checkpoint_chunks = c > 0 also
+every c-th chunk state ([n_chunks / c, H, 64, 64], fp32 for fp32 inputs, bf16 for bf16/fp16 inputs;
+c = 1: four bf16 inputs' worth), the others restored in backward (_restore_states: short walks from
+every checkpoint, in parallel). Everything else is recomputed.
 """
 
 from __future__ import annotations
@@ -87,13 +87,13 @@ CONFIG = {
     # per-chunk states kept for backward: "fp32", "bf16" (half the memory traffic, like fla), or
     # "auto" = bf16 for bf16/fp16 inputs, fp32 for fp32 inputs
     "state_dtype": "auto",
-    # Every checkpoint_chunks-th chunk state is saved for backward. 1 (default): all of them, bf16, four
-    # inputs' worth of memory, fastest. 4: one [64, 64] state per 64 tokens (one input's worth); backward
-    # restores the others (_restore_states), +2.9 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
-    # 0: none, only the inputs (and initial state) are kept, as fla does; backward runs the forward
-    # state pass again (untimed; about one _fwd_state more, 1.8 ms at 8x4096x64). The initial state is
-    # then saved: writing into it in place before backward makes autograd raise.
-    "checkpoint_chunks": 1,
+    # Chunk states saved for backward. 0 (default): none, only the inputs (and initial state) are kept,
+    # as fla does; backward runs the forward state pass again (+1.9 ms at 8x4096x64 on an H200, still
+    # 1.53x fla; docs/benchmarks.md). The initial state is then saved: writing into it in place before
+    # backward makes autograd raise. c > 0: every c-th chunk state (bf16 for bf16 inputs). 1: all of
+    # them, four inputs' worth of memory, fastest (13.7 vs 15.6 ms). 4: one state per 64 tokens (one
+    # input's worth); backward restores the others (_restore_states), 16.2 ms.
+    "checkpoint_chunks": 0,
     # Keep the forward's W, Q factors for backward (fp32: 2.5 bf16 inputs' worth more memory) instead of
     # recomputing them with _prep: 14.19 -> 13.23 ms at 8x4096x64 on an H100 (docs/benchmarks.md).
     "save_wy": False,
