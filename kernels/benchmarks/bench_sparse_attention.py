@@ -231,9 +231,12 @@ def bench_shape(T, H, cs, topk, args, dense_est):
             row.pop("result", None)
             rows.append(row)
     else:
-        est = dense_est["ms"] * (T / dense_est["T"]) ** 2 if dense_est else float("nan")
-        rows.append({"method": "sdpa", "error": f"skipped (T > --dense-max-T); quadratic estimate {est:.0f} ms",
-                     "fwdbwd_est": est})
+        if dense_est:  # quadratic scaling of the last measured dense run
+            est = dense_est["ms"] * (T / dense_est["T"]) ** 2
+            rows.append({"method": "sdpa", "error": f"skipped (T > --dense-max-T); quadratic estimate {est:.0f} ms",
+                         "fwdbwd_est": est})
+        else:
+            rows.append({"method": "sdpa", "error": "skipped (T > --dense-max-T), no dense run to scale from"})
 
     # FlexAttention with the same selection
     density = float("nan")
