@@ -63,8 +63,9 @@ from .inputs import prepare_inputs
 # and tf32 for bf16/fp16.
 CONFIG = {
     # tokens per chunk, BT: 16 or 32 (needs w >= about -88 / BT). 32 halves the sequential steps and the
-    # saved states but, compiled with Triton 3.6, _bwd_grads then spills 756 B even with 8 warps (not
-    # timed yet); 64 would need 288 KB of shared memory in _bwd_grads, more than an H100 has.
+    # saved states but its tiles spill (Triton 3.6: _bwd_grads 756 B even with 8 warps) and it is twice
+    # as slow (32.5 vs 15.6 ms at 8x4096x64 on an H200); 64 would need 288 KB of shared memory in
+    # _bwd_grads, more than an H100 has.
     "chunk_len": 16,
     "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
     # The products that must stay fp32-exact (the WY inverse, the group scan): "ieee" (FMA loops),
