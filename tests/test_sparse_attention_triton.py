@@ -123,7 +123,8 @@ def test_ties_pick_the_earlier_chunk():
 @pytest.mark.parametrize("sel_prec", ["tf32x3", "ieee"])
 def test_selection_over_many_chunks_with_ties(topk, sel_prec):
     """Many chunks (several blocks of chunks per query tile) and exact ties inside and across blocks: the
-    reference's choice, best first, earlier chunk on ties, with either precision of the chunk scores."""
+    reference's choice, best first, earlier chunk on ties, with either precision of the chunk scores
+    (the CPU interpreter computes every tl.dot in fp32, so the precisions differ only on a GPU)."""
     B, T, H, D, cs = 1, 300, 2, 16, 4
     q, k, _, _ = random_qkv(B, T, H, D, seed=11 + topk, dtype=torch.float32)
     boost = 2.0 * torch.ones(D)
@@ -137,6 +138,31 @@ def test_selection_over_many_chunks_with_ties(topk, sel_prec):
     assert torch.equal(got, want)
     n = min(3, topk - 1)  # the tied copies, earliest first
     assert (got[:, 42 * cs :, :, :n] == torch.tensor([3, 21, 40][:n])).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("topk, sel_bg", [(2, 16), (4, 32), (6, 16), (18, 16)])
+def test_selection_many_chunks_packed_documents(topk, sel_bg):
+    """Several blocks of chunks per document, tiles straddling documents (one empty), topk - 1 above the
+    block size, and small-integer inputs so that scores are exact and ties frequent: exactly the
+    reference's selection, document by document."""
+    cu_seqlens = torch.tensor([0, 5, 5, 160, 163, 259])
+    T, H, D, cs = 259, 2, 16, 2
+    gen = torch.Generator().manual_seed(20 + topk)
+    q = torch.randint(-2, 3, (1, T, H, D), generator=gen).float()
+    k = (2 * torch.randint(-1, 2, (1, T, H, D), generator=gen)).float()  # chunk means stay exact
+    got = chunk_selection_triton(q.to(DEVICE), k.to(DEVICE), cs, topk, cu_seqlens=cu_seqlens.to(DEVICE),
+                                 config={"sel_bg": sel_bg}).cpu()
+    for lo, hi in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        if hi > lo:
+            assert torch.equal(got[:, lo:hi], chunk_selection(q[:, lo:hi], k[:, lo:hi], cs, topk)), (lo, hi)
+
+
+def test_bad_selection_config_is_refused():
+    q = torch.zeros(1, 8, 1, 16)
+    for bad in ({"sel_bg": 24}, {"sel_bg": 8}, {"sel_prec": "tf32"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            chunk_selection_triton(q, q, 4, 2, config=bad)
 
 
 @needs_kernels

@@ -207,6 +207,33 @@ def test_chunk_saved_for_backward(cfg, extra_inputs):
     assert all(torch.isfinite(x.grad).all() for x in xs)
 
 
+@pytest.mark.parametrize("ckpt", [0, 1], ids=["inputs-only", "every-chunk"])
+def test_chunk_in_place_write_to_initial_state(ckpt):
+    """With the default (inputs only, as fla) backward reads the initial state again, so an in-place
+    write into it before backward must raise instead of silently giving wrong gradients; with every
+    chunk state kept, backward does not need it and the write is harmless."""
+    from rwkvx_kernels.wkv7 import chunk
+
+    xs, h0 = make_inputs(1, 40, 1, seed=5, state=True)
+    xs = [x.requires_grad_(True) for x in xs]
+    old = dict(chunk.CONFIG)
+    chunk.CONFIG["checkpoint_chunks"] = ckpt
+    try:
+        y, _ = chunk_wkv7(*xs, initial_state=h0)
+        h0.add_(1.0)
+        if ckpt == 0:
+            with pytest.raises(RuntimeError, match="inplace"):
+                y.sum().backward()
+        else:
+            y.sum().backward()
+            h0.sub_(1.0)
+            y64, _ = wkv7_naive(*(x.detach().double().requires_grad_(True) for x in xs), initial_state=h0.double())
+            assert rel(y, y64) < 1e-4
+    finally:
+        chunk.CONFIG.clear()
+        chunk.CONFIG.update(old)
+
+
 @pytest.mark.parametrize("fn", [chunk_wkv7, fused_recurrent_wkv7], ids=["chunk", "fused_recurrent"])
 def test_extreme_decay_and_rate(fn):
     """Decay at its floor 0.545 (largest in-chunk rescaling) or 1, in-context learning rate 1."""

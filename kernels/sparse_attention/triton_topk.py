@@ -3,8 +3,10 @@
 Same semantics as `naive.sparse_attention_naive`: per batch row, head and query t, keys are split in
 chunks of `chunk_size` tokens counted from the start of the sequence (or of its document with
 `cu_seqlens`); query t attends causally to its own chunk plus the `topk - 1` strictly past chunks
-of its document whose mean key scores highest against q_t (fp32, unscaled, no gradient; ties go to
-the earlier chunk); one softmax with scale 1/sqrt(D) over the union.
+of its document whose mean key scores highest against q_t (fp32 means, unscaled, no gradient; ties
+go to the earlier chunk); one softmax with scale 1/sqrt(D) over the union. The scores are tf32x3
+tensor-core products by default, fp32 to about 1e-6 relative, so two chunks whose scores differ by
+less than that may rank in the other order than in the fp32 reference (`sel_prec: ieee`: exact fp32).
 
 Pipeline (inputs contiguous [B, T, H, D]; B*H = BH; NC = number of chunks, all documents together):
 
@@ -123,8 +125,8 @@ def _chunk_means_kernel(K, MEANS, CH_START, CH_END, T, H, NC,
 
 @triton.jit
 def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, T, H, NC,
-                           D: tl.constexpr, BD: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
-                           BM: tl.constexpr, BG: tl.constexpr, SEL_PREC: tl.constexpr):
+                   D: tl.constexpr, BD: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
+                   BM: tl.constexpr, BG: tl.constexpr, SEL_PREC: tl.constexpr):
     """Top-(K1) past chunks of every query of a BM-row tile, best first (score desc, chunk id asc).
 
     Chunks are taken BG at a time: one product scores the block for the whole tile (every chunk by the
@@ -602,6 +604,11 @@ def _config(device: torch.device, config) -> dict:
         if unknown:
             raise ValueError(f"unknown sparse attention config keys {sorted(unknown)}")
         cfg.update(config)
+    bg = cfg["sel_bg"]
+    if not isinstance(bg, int) or bg < 16 or bg & (bg - 1):
+        raise ValueError(f"sparse attention config sel_bg must be a power of two >= 16, got {bg!r}")
+    if cfg["sel_prec"] not in ("tf32x3", "ieee"):
+        raise ValueError(f"sparse attention config sel_prec must be 'tf32x3' or 'ieee', got {cfg['sel_prec']!r}")
     return cfg
 
 

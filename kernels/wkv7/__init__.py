@@ -4,7 +4,9 @@ entry point that picks one of the Triton kernels.
 
 `wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False)` -> (y, final_state)
 Inputs [B, T, H, 64] (bf16/fp16/fp32), w = log decay (<= 0), state [B, H, 64, 64] fp32 (one per
-document with `cu_seqlens`, B == 1). Differentiable in every tensor input. Decoding one token:
+document with `cu_seqlens`, B == 1). Differentiable in every tensor input. Like fla, the `chunk`
+kernel keeps only its inputs (and `initial_state`) for backward: do not write into them in place
+before backward (autograd raises). Decoding one token:
 `wkv7_step` (plain PyTorch, [B, H, N] inputs).
 
 Backend choice: the `backend` argument (`chunk`, `fused_recurrent`, `naive`);

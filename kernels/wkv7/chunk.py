@@ -32,6 +32,8 @@ Kernels (grid):
                 every chunk -> HBM (fp32, or bf16 for bf16 inputs); optionally y too (fuse_out)
             _fwd_out (chunks x H)             y
   backward  _prep again (recomputed, not saved)
+            _fwd_state again (checkpoint_chunks 0, the default: the chunk states, not saved), or
+                _restore_states (checkpoint_chunks c > 1: the states between saved checkpoints)
             _bwd_state (V blocks x seqs*H [x groups], reverse over chunks): dL/dS at every chunk
                 end -> HBM, dh0
             _bwd_grads (chunks x H)           dr, dw, dk, dv, da, db (recomputes M and U per chunk)
@@ -812,7 +814,8 @@ def chunk_wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_fin
 
     `initial_state` [B, H, 64, 64] (or [n_docs, H, 64, 64] with `cu_seqlens`, B == 1); fp32 state math,
     y in r's dtype, the final state fp32. Differentiable in every tensor input. Needs w >= about -5
-    (the model's w is in (-0.607, 0]).
+    (the model's w is in (-0.607, 0]). Backward reads `initial_state` again (the default keeps no chunk
+    states), so writing into it in place between forward and backward makes autograd raise.
     """
     r, w, k, v, a, b, initial_state, cu_seqlens = prepare_inputs(r, w, k, v, a, b, initial_state, cu_seqlens)
     need_states = torch.is_grad_enabled() and any(
