@@ -24,10 +24,11 @@ def _ptxas_candidates():
 
 def tensor_core_path(ptx: str) -> str:
     """Which matrix instructions the PTX uses: Hopper's warpgroup `wgmma` (the fast path, needs 64-row
-    tiles per warpgroup) or the older per-warp `mma.sync`, by count."""
+    tiles per warpgroup) or the older per-warp `mma.sync`, by count; and whether loads are pipelined
+    (`cp.async` count)."""
     wgmma = ptx.count("wgmma.mma_async")
     mma = len(re.findall(r"\bmma\.sync", ptx))
-    return f"wgmma {wgmma}, mma.sync {mma}"
+    return f"wgmma {wgmma}, mma.sync {mma}, cp.async {ptx.count('cp.async.')}"
 
 
 def ptxas_report(compiled, arch: str = "sm_90a") -> str:
@@ -62,7 +63,12 @@ class Compiler:
 
     def build(self, fn, types, consts, num_warps, name, num_stages=3):
         """types: argument -> Triton type ("*fp32", "i32", ...); unlisted pointers are bf16 and a type of
-        None makes the argument a constexpr None (an absent optional tensor)."""
+        None makes the argument a constexpr None (an absent optional tensor).
+
+        Every pointer and integer argument is compiled as divisible by 16, as the launcher specializes
+        them for 16-byte-aligned tensors and sizes that are multiples of 16 (all benchmark shapes).
+        Without that, Triton cannot prove loads aligned, does not pipeline them through cp.async, and
+        the registers, spills and shared memory reported are not those of the kernel that runs."""
         import triton
         from triton.compiler import ASTSource
 
@@ -73,7 +79,10 @@ class Compiler:
             if t is None:
                 t, consts[a] = "constexpr", None
             sig[a] = t
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if sig[a].startswith("*") or sig[a] in ("i32", "i64")}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                        attrs=attrs)
         try:
             compiled = triton.compile(src, target=self.target,
                                       options={"num_warps": num_warps, "num_stages": num_stages})
