@@ -32,7 +32,8 @@ def tensor_core_path(ptx: str) -> str:
 
 
 def ptxas_report(compiled, arch: str = "sm_90a") -> str:
-    """'regs R, spills S B, smem M B, wgmma W, mma.sync M' for a kernel returned by triton.compile."""
+    """'regs R, spills S B, smem M B, wgmma W, mma.sync M, cp.async C' for a kernel returned by
+    triton.compile."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
