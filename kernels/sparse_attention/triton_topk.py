@@ -40,7 +40,9 @@ Backward (exact; recomputes probabilities from the stored log-sum-exp):
 - `_bwd_dq_own_kernel`: per (query tile, head): own-chunk dQ plus the slot partials.
   Config `dq_atomic=True` replaces these two: the dK/dV kernel also computes dS K for every tile and
   adds it atomically into an fp32 dQ buffer (FlashAttention-2 style: 5 instead of 7 matmuls per
-  tile, at the price of atomics and non-deterministic summation order).
+  tile, at the price of atomics and non-deterministic summation order). Every atomic here is
+  `sem="relaxed"`: Triton's default (acq_rel) wraps each one in a GPU-wide memory barrier and an L1
+  invalidation, which made this mode 1.5x slower.
 
 Saved for backward: q, k, v, o (input dtype), lse [BH, T] fp32, sel [B, T, H, topk-1] int32, perm
 [B*T*H*(topk-1)] int32, offs [BH*NC + 1] int32 and the chunk tables: per token and head
@@ -75,8 +77,9 @@ CONFIG_GPU = {
     "dq_bm": 64, "dq_bn": 32, "dq_warps": 4, "dq_stages": 3,
     "dqp_bm": 128, "dqp_bn": 32, "dqp_warps": 4, "dqp_stages": 3,
     # dQ: False = recomputed per query (dq_past + dq_own kernels, deterministic);
-    # True = atomically accumulated by the dK/dV kernel into an fp32 buffer (fewer matmuls, but the
-    # atomics cost more: 33.2 vs 17.6 ms fwd+bwd at 64K tokens on an H200).
+    # True = atomically accumulated by the dK/dV kernel into an fp32 buffer (5 instead of 7 matmuls per
+    # pair, non-deterministic sums). H200, fwd+bwd ms, default / dq_atomic: 64K chunk 2048 topk 3
+    # 17.7 / 22.5, 256K 70.8 / 89.6; 64K chunk 128 topk 8 10.5 / 9.9 (9.5 with 64 x 64 tiles, 4 warps).
     "dq_atomic": False,
     # dK/dV: 0 = one program per key block over the whole bucket of queries that selected its chunk;
     # N > 0 = buckets cut in segments of N queries, partial sums added atomically (fp32), which bounds
@@ -381,7 +384,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_h
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
         if DQ_ATOMIC:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
-            tl.atomic_add(DQACC + tok[:, None] * D + offs_d[None, :], dq, mask=lmask)
+            tl.atomic_add(DQACC + tok[:, None] * D + offs_d[None, :], dq, mask=lmask, sem="relaxed")
     return dk, dv
 
 
@@ -453,8 +456,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, OFFS, WB, WS, CH_STA
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, seg_lo, seg_hi, cols,
                              scale, scale2, offs_d, dmask, H, K1, D, BM, True, False, DQ_ATOMIC, DOT_PREC)
     if SPLIT > 0:
-        tl.atomic_add(DK + kv_off, dk * scale, mask=kvmask)
-        tl.atomic_add(DV + kv_off, dv, mask=kvmask)
+        tl.atomic_add(DK + kv_off, dk * scale, mask=kvmask, sem="relaxed")
+        tl.atomic_add(DV + kv_off, dv, mask=kvmask, sem="relaxed")
     else:
         tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kvmask)
