@@ -95,7 +95,8 @@ class Config:
 
 # Keys that may differ when a run directory is resumed; everything else must match its saved config.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
-                     "checkpoint.", "logging.", "data.path", "data.urls", "data.val_batches", "run.dir")
+                     "checkpoint.", "logging.", "data.path", "data.urls", "data.val_batches", "run.dir",
+                     "model.wkv_kernel.", "model.attn_kernel.")  # kernel options: speed and memory only
 
 
 def _valid_keys(cls, prefix: str = "") -> dict[str, Any]:
@@ -107,6 +108,8 @@ def _valid_keys(cls, prefix: str = "") -> dict[str, Any]:
         if is_dataclass(default):
             out[key] = "section"
             out.update(_valid_keys(type(default), key + "."))
+        elif isinstance(default, dict):
+            out[key] = "mapping"  # free-form keys below it (kernel options), checked by their owner
         else:
             out[key] = f.type
     return out
@@ -118,6 +121,9 @@ VALID_KEYS = _valid_keys(Config)
 def _check_keys(keys: list[str], source: str) -> None:
     for key in keys:
         if key in VALID_KEYS:
+            continue
+        parts = key.split(".")
+        if any(VALID_KEYS.get(".".join(parts[:i])) == "mapping" for i in range(1, len(parts))):
             continue
         hint = difflib.get_close_matches(key, list(VALID_KEYS), n=1, cutoff=0.6)
         if not hint:  # a typo in the leaf name: compare with the keys of the same section

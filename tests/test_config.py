@@ -37,11 +37,25 @@ def test_overrides_apply_with_types():
         (["trainer.precision=fp8"], "trainer.precision"),
         (["optim.lr_final=1.0"], "optim.lr_final"),
         (["seed"], "not of the form key=value"),
+        (["model.wkv_kernel.chunk_len=64"], "model.wkv_kernel: wkv7 chunk option chunk_len .* got 64"),
+        (["model.wkv_kernel.checkpoint_chunk=1"], "model.wkv_kernel: unknown .*checkpoint_chunk"),
+        (["model.attn_kernel.dkdv_bm=48"], "model.attn_kernel: .*dkdv_bm .* got 48"),
+        (["model.wkv_kernl.checkpoint_chunks=1"], "unknown config key 'model.wkv_kernl.checkpoint_chunks'"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", overrides)
+
+
+def test_kernel_options_from_recipe_and_overrides(tmp_path):
+    """Kernel options are free-form mappings checked by the kernels themselves; they may change on resume."""
+    recipe = tmp_path / "k.yaml"
+    recipe.write_text("model:\n  wkv_kernel: {checkpoint_chunks: 1}\n")
+    cfg = load_config(str(recipe), ["model.attn_kernel.dkdv_stages=2"])
+    assert cfg.model.wkv_kernel == {"checkpoint_chunks": 1} and cfg.model.attn_kernel == {"dkdv_stages": 2}
+    resumed = load_config("demo", ["model.wkv_kernel.checkpoint_chunks=1", "model.attn_kernel.dkdv_stages=2"])
+    check_resumable(to_yaml(load_config("demo")), resumed, "runs/x")
 
 
 def test_unknown_key_in_recipe_file(tmp_path):

@@ -162,3 +162,36 @@ def test_attention_block_does_not_leak_across_documents():
         mixed = attention(y, document_offsets(torch.randint(1, 64, (1, 30))))  # one document: the change shows
     torch.testing.assert_close(out_x[0, 13:], out_y[0, 13:])
     assert not torch.allclose(mixed[0, 13:], out_x[0, 13:])
+
+
+def test_kernel_options_reach_the_kernels(monkeypatch):
+    """`model.wkv_kernel` / `model.attn_kernel` are passed to every call of the Triton ops (spied here, run by the
+    reference), and bad options stop model construction with the key named."""
+    import rwkvx_kernels.sparse_attention as sparse_pkg
+    import rwkvx_kernels.wkv7 as wkv7_pkg
+
+    seen = {"wkv": [], "attn": []}
+
+    def wkv7_spy(*args, config=None, **kw):
+        seen["wkv"].append(config)
+        return wkv7_pkg.wkv7(*args, backend="naive", config=config, **kw)
+
+    def attn_spy(*args, config=None, **kw):
+        seen["attn"].append(config)
+        return sparse_pkg.sparse_attention(*args, backend="naive", config=config, **kw)
+
+    import rwkvx_lightning.model as model_mod
+
+    real_op = model_mod._triton_op
+    monkeypatch.setattr(model_mod, "_triton_op",
+                        lambda backend, x, module, name: (wkv7_spy if name == "wkv7" else attn_spy)
+                        if backend == "triton" else real_op(backend, x, module, name))
+    cfg = ModelConfig(vocab_size=64, n_embd=64, n_layer=2, n_attn=1, chunk_size=8, topk=2, wkv_backend="triton",
+                      attn_backend="triton", wkv_kernel={"checkpoint_chunks": 1}, attn_kernel={"dkdv_stages": 2})
+    model = RWKVX(cfg)
+    model(torch.randint(0, 64, (1, 20))).sum().backward()
+    assert seen["wkv"] == [{"checkpoint_chunks": 1}] * 2 and seen["attn"] == [{"dkdv_stages": 2}]
+    with pytest.raises(ValueError, match="model.wkv_kernel: .*grad_bv.*48"):
+        RWKVX(ModelConfig(vocab_size=64, n_embd=64, n_layer=2, wkv_kernel={"grad_bv": 48}))
+    with pytest.raises(ValueError, match="model.attn_kernel: unknown .*tile"):
+        RWKVX(ModelConfig(vocab_size=64, n_embd=64, n_layer=2, n_attn=1, attn_kernel={"tile": 64}))

@@ -159,10 +159,18 @@ def test_selection_many_chunks_packed_documents(topk, sel_bg):
 
 
 def test_bad_selection_config_is_refused():
+    """Bad or unknown launch parameters are refused with their name, by the kernels and by the entry point
+    whichever backend it runs (so a bad `model.attn_kernel` fails on a CPU machine too)."""
+    from rwkvx_kernels.sparse_attention import sparse_attention
+
     q = torch.zeros(1, 8, 1, 16)
-    for bad in ({"sel_bg": 24}, {"sel_bg": 8}, {"sel_prec": "tf32"}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+    for bad in ({"sel_bg": 24}, {"sel_bg": 8}, {"sel_prec": "tf32"}, {"dkdv_bm": 48}, {"past_warps": 3},
+                {"dq_stages": 0}, {"dq_atomic": "yes"}, {"dkdv_split": -1}, {"dkdv_tile": 64}):
+        key = next(iter(bad))
+        with pytest.raises(ValueError, match=key):
             chunk_selection_triton(q, q, 4, 2, config=bad)
+        with pytest.raises(ValueError, match=key):
+            sparse_attention(q, q, q, 4, 2, backend="naive", config=bad)
 
 
 @needs_kernels

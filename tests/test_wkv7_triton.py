@@ -5,6 +5,7 @@ The env var must be set before the kernel modules are imported (Triton decides a
 it is only set when no CUDA device is present, so on a GPU machine the same tests run compiled.
 """
 
+import functools
 import math
 import os
 
@@ -161,15 +162,7 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
 def test_chunk_configs(cfg, B, T, H, cu):
     """Two-level scan over groups of chunks (used when sequences x heads are few), y fused into the state pass,
     states saved for backward at other checkpoint intervals (restored from several checkpoints per sequence)."""
-    from rwkvx_kernels.wkv7 import chunk
-
-    old = dict(chunk.CONFIG)
-    chunk.CONFIG.update(cfg)
-    try:
-        check(chunk_wkv7, B, T, H, True, cu, True)
-    finally:
-        chunk.CONFIG.clear()
-        chunk.CONFIG.update(old)
+    check(functools.partial(chunk_wkv7, config=cfg), B, T, H, True, cu, True)
 
 
 @pytest.mark.parametrize(
@@ -183,8 +176,6 @@ def test_chunk_saved_for_backward(cfg, extra_inputs):
     [T / 16, H, 64, 64] (four inputs' worth) with checkpoint_chunks=1 or [T / 64, H, 64, 64] (one input's
     worth) with checkpoint_chunks=4, plus W [T, H, 64] and Q [T, H, 16] with save_wy; each suffices for
     backward."""
-    from rwkvx_kernels.wkv7 import chunk
-
     xs, _ = make_inputs(1, 128, 2)
     xs = [x.requires_grad_(True) for x in xs]
     saved = []
@@ -193,15 +184,9 @@ def test_chunk_saved_for_backward(cfg, extra_inputs):
         saved.append(t)
         return t
 
-    old = dict(chunk.CONFIG)
-    chunk.CONFIG.update(cfg)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y, _ = chunk_wkv7(*xs)
-        y.sum().backward()
-    finally:
-        chunk.CONFIG.clear()
-        chunk.CONFIG.update(old)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = chunk_wkv7(*xs, config=cfg)
+    y.sum().backward()
     saved_elems = sum(t.numel() for t in saved)
     assert saved_elems == (6 + extra_inputs) * xs[0].numel(), [tuple(t.shape) for t in saved]
     assert all(torch.isfinite(x.grad).all() for x in xs)
@@ -212,26 +197,18 @@ def test_chunk_in_place_write_to_initial_state(ckpt):
     """With the default (inputs only, as fla) backward reads the initial state again, so an in-place
     write into it before backward must raise instead of silently giving wrong gradients; with every
     chunk state kept, backward does not need it and the write is harmless."""
-    from rwkvx_kernels.wkv7 import chunk
-
     xs, h0 = make_inputs(1, 40, 1, seed=5, state=True)
     xs = [x.requires_grad_(True) for x in xs]
-    old = dict(chunk.CONFIG)
-    chunk.CONFIG["checkpoint_chunks"] = ckpt
-    try:
-        y, _ = chunk_wkv7(*xs, initial_state=h0)
-        h0.add_(1.0)
-        if ckpt == 0:
-            with pytest.raises(RuntimeError, match="inplace"):
-                y.sum().backward()
-        else:
+    y, _ = chunk_wkv7(*xs, initial_state=h0, config={"checkpoint_chunks": ckpt})
+    h0.add_(1.0)
+    if ckpt == 0:
+        with pytest.raises(RuntimeError, match="inplace"):
             y.sum().backward()
-            h0.sub_(1.0)
-            y64, _ = wkv7_naive(*(x.detach().double().requires_grad_(True) for x in xs), initial_state=h0.double())
-            assert rel(y, y64) < 1e-4
-    finally:
-        chunk.CONFIG.clear()
-        chunk.CONFIG.update(old)
+    else:
+        y.sum().backward()
+        h0.sub_(1.0)
+        y64, _ = wkv7_naive(*(x.detach().double().requires_grad_(True) for x in xs), initial_state=h0.double())
+        assert rel(y, y64) < 1e-4
 
 
 @pytest.mark.parametrize("fn", [chunk_wkv7, fused_recurrent_wkv7], ids=["chunk", "fused_recurrent"])
@@ -296,22 +273,44 @@ def test_gpu_long_sequence_finite(fn):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("cfg", [{"chunk_len": 64}, {"grad_bv": 48}, {"checkpoint_chunks": -1}],
-                         ids=["chunk_len", "grad_bv", "checkpoint_chunks"])
+@pytest.mark.parametrize(
+    "cfg",
+    [{"chunk_len": 64}, {"grad_bv": 48}, {"checkpoint_chunks": -1}, {"dot_precision": "fp8"},
+     {"group_chunks": "some"}, {"save_wy": 1}, {"state_warps": 0}, {"chunk_size": 16}],
+    ids=["chunk_len", "grad_bv", "checkpoint_chunks", "dot_precision", "group_chunks", "save_wy", "state_warps",
+         "unknown-key"],
+)
 def test_chunk_rejects_bad_config(cfg):
-    """A bad launch parameter is refused with its name and value, before any kernel runs."""
+    """A bad or unknown option is refused with its name (and value), before any kernel runs, by the kernel and by
+    the `wkv7` entry point whatever backend it picks; the module defaults are never modified by a call."""
     from rwkvx_kernels.wkv7 import chunk
 
     (key, val), = cfg.items()
-    old = dict(chunk.CONFIG)
-    chunk.CONFIG.update(cfg)
-    try:
-        xs, _ = make_inputs(1, 20, 1)
-        with pytest.raises(ValueError, match=f"{key}.*{val}"):
-            chunk_wkv7(*xs)
-    finally:
-        chunk.CONFIG.clear()
-        chunk.CONFIG.update(old)
+    defaults = dict(chunk.CONFIG)
+    xs, _ = make_inputs(1, 20, 1)
+    with pytest.raises(ValueError, match=f"{key}.*{val}" if key in chunk.CONFIG else key):
+        chunk_wkv7(*xs, config=cfg)
+    for backend in ("chunk", "naive"):
+        with pytest.raises(ValueError, match=key):
+            wkv7(*xs, backend=backend, config=cfg)
+    assert chunk.CONFIG == defaults
+
+
+def test_chunk_options_are_per_call():
+    """An option given to one call applies to that call (and its backward) only: a call with
+    checkpoint_chunks=1 saves the chunk states, the next call without options does not."""
+    xs, _ = make_inputs(1, 64, 1)
+    xs = [x.requires_grad_(True) for x in xs]
+
+    def saved_elems(**kw):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y, _ = chunk_wkv7(*xs, **kw)
+        y.sum().backward()
+        return sum(t.numel() for t in saved)
+
+    assert saved_elems(config={"checkpoint_chunks": 1}) == 10 * xs[0].numel()
+    assert saved_elems() == 6 * xs[0].numel()
 
 
 def test_fallback_to_naive_for_float64():

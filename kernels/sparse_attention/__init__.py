@@ -46,10 +46,14 @@ def sparse_attention(q, k, v, chunk_size: int, topk: int, cu_seqlens=None, *, ba
     Per query: its own chunk (causal) plus the `topk - 1` strictly past chunks with the highest
     q . mean(k) score (ties to the earlier chunk), one softmax with scale 1/sqrt(D). With
     `cu_seqlens` (B == 1) packed documents are independent sequences. `config` passes launch
-    parameters to the Triton kernels (see `triton_topk.CONFIG_GPU`).
+    parameters to the Triton kernels (keys of `triton_topk.CONFIG_GPU`; the reference ignores them).
     """
     if backend not in (None, "triton", "naive"):
         raise ValueError(f"unknown sparse attention backend {backend!r} (triton, naive)")
+    if config:  # checked even when the reference runs, so a bad option fails on every machine
+        from .triton_topk import resolve_config
+
+        resolve_config(config)
     if backend is None:
         reason = _fallback_reason(q)
         if reason is not None:

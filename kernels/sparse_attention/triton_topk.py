@@ -61,7 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sparse_attention_triton", "chunk_selection_triton", "prepare_selection", "CONFIG_GPU", "CONFIG_INTERPRET"]
+__all__ = ["sparse_attention_triton", "chunk_selection_triton", "prepare_selection", "resolve_config", "CONFIG_GPU",
+           "CONFIG_INTERPRET"]
 
 # Launch parameters. *_bm = query rows per tile, *_bn = key rows per tile.
 CONFIG_GPU = {
@@ -607,12 +608,32 @@ def _config(device: torch.device, config) -> dict:
         if unknown:
             raise ValueError(f"unknown sparse attention config keys {sorted(unknown)}")
         cfg.update(config)
-    bg = cfg["sel_bg"]
-    if not isinstance(bg, int) or bg < 16 or bg & (bg - 1):
-        raise ValueError(f"sparse attention config sel_bg must be a power of two >= 16, got {bg!r}")
+    def power_of_two(val, low):
+        return isinstance(val, int) and not isinstance(val, bool) and val >= low and not val & (val - 1)
+
+    for key, val in cfg.items():
+        # tl.dot needs 16-row tiles on a GPU; the CPU interpreter also runs smaller ones (tests)
+        low = 16 if key.endswith("_bg") or device.type == "cuda" else 1
+        if key.endswith(("_bm", "_bn", "_bg")) and not power_of_two(val, low):
+            raise ValueError(f"sparse attention config {key} must be a power of two >= {low}, got {val!r}")
+        if key.endswith("_warps") and not power_of_two(val, 1):
+            raise ValueError(f"sparse attention config {key} must be a power of two >= 1, got {val!r}")
+        if key.endswith("_stages") and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ValueError(f"sparse attention config {key} must be an integer >= 1, got {val!r}")
     if cfg["sel_prec"] not in ("tf32x3", "ieee"):
         raise ValueError(f"sparse attention config sel_prec must be 'tf32x3' or 'ieee', got {cfg['sel_prec']!r}")
+    if not isinstance(cfg["dq_atomic"], bool):
+        raise ValueError(f"sparse attention config dq_atomic must be true or false, got {cfg['dq_atomic']!r}")
+    split = cfg["dkdv_split"]
+    if isinstance(split, bool) or not isinstance(split, int) or split < 0:
+        raise ValueError(f"sparse attention config dkdv_split must be an integer >= 0, got {split!r}")
     return cfg
+
+
+def resolve_config(options=None) -> dict:
+    """The GPU launch parameters with `options` (some keys of CONFIG_GPU) on top; ValueError naming an
+    unknown key or a bad value (the model checks its `attn_kernel` config with this at start-up)."""
+    return _config(torch.device("cuda"), options)
 
 
 def _bounds(cu_seqlens, B: int, T: int) -> tuple:

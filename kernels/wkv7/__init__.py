@@ -13,7 +13,8 @@ Backend choice: the `backend` argument (`chunk`, `fused_recurrent`, `naive`);
 default `chunk` on CUDA, `fused_recurrent` under the CPU interpreter. The Triton kernels
 need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before this package's kernels are
 first imported; otherwise (and for float64 inputs, head size != 64 or T == 0) `wkv7` falls back
-to `wkv7_naive` and warns once with the reason.
+to `wkv7_naive` and warns once with the reason. `config` sets options of the `chunk` kernel for
+one call (keys of `chunk.CONFIG`, e.g. {"checkpoint_chunks": 1}; checked by `chunk.resolve_config`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ def _fallback_reason(r):
     return triton_unavailable(r)
 
 
-def wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False, backend=None):
+def wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False, backend=None, config=None):
+    """The recurrence through `backend` (module docstring); `config`: options of the `chunk` kernel for this
+    call (keys of `chunk.CONFIG`, checked even when another backend runs), ignored by the others."""
+    if config:
+        from .chunk import resolve_config
+
+        resolve_config(config)
     if backend != "naive":
         reason = _fallback_reason(r)
         if reason is not None:
@@ -53,10 +60,13 @@ def wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_sta
         return wkv7_naive(r, w, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens,
                           output_final_state=output_final_state)
     if backend == "chunk":
-        from .chunk import chunk_wkv7 as fn
-    elif backend == "fused_recurrent":
-        from .fused_recurrent import fused_recurrent_wkv7 as fn
-    else:
-        raise ValueError(f"unknown wkv7 backend {backend!r} (chunk, fused_recurrent, naive)")
-    return fn(r, w, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens,
-              output_final_state=output_final_state)
+        from .chunk import chunk_wkv7
+
+        return chunk_wkv7(r, w, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                          output_final_state=output_final_state, config=config)
+    if backend == "fused_recurrent":
+        from .fused_recurrent import fused_recurrent_wkv7
+
+        return fused_recurrent_wkv7(r, w, k, v, a, b, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                    output_final_state=output_final_state)
+    raise ValueError(f"unknown wkv7 backend {backend!r} (chunk, fused_recurrent, naive)")

@@ -535,6 +535,46 @@ def _bwd_grads_kernel(
 # ----------------------------------------------------------------------------- host side
 
 
+_CHOICES = {
+    "chunk_len": (16, 32),
+    "dot_precision": ("auto", "tf32", "ieee", "bf16"),
+    "exact_precision": ("auto", "ieee", "tf32x3"),
+    "grad_bv": (16, 32, 64),
+    "state_bv": (16, 32, 64),
+    "scan_bv": (16, 32, 64),
+    "state_dtype": ("auto", "fp32", "bf16"),
+}
+
+
+def resolve_config(options=None) -> dict:
+    """CONFIG with `options` (a dict of some of its keys) on top, checked before any kernel runs.
+
+    Raises ValueError naming the unknown key or the bad value. Every call takes its own snapshot, so
+    per-call options (the model's `wkv_kernel` config) never touch the module defaults."""
+    cfg = dict(CONFIG)
+    if options:
+        unknown = sorted(set(options) - set(CONFIG))
+        if unknown:
+            raise ValueError(f"unknown wkv7 chunk kernel option(s) {unknown}; known: {sorted(CONFIG)}")
+        cfg.update(options)
+    for key, allowed in _CHOICES.items():
+        if cfg[key] not in allowed:
+            raise ValueError(f"wkv7 chunk option {key} must be one of {allowed}, got {cfg[key]!r}")
+    for key in ("checkpoint_chunks", "state_warps", "chunk_warps", "grad_warps", "scan_warps", "programs_per_sm"):
+        val = cfg[key]
+        low = 0 if key == "checkpoint_chunks" else 1
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            why = " (0: save no chunk states)" if key == "checkpoint_chunks" else ""
+            raise ValueError(f"wkv7 chunk option {key} must be an integer >= {low}{why}, got {val!r}")
+    gc = cfg["group_chunks"]
+    if gc != "auto" and (isinstance(gc, bool) or not isinstance(gc, int) or gc < 0):
+        raise ValueError(f"wkv7 chunk option group_chunks must be 'auto' or an integer >= 0, got {gc!r}")
+    for key in ("fuse_out", "save_wy"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"wkv7 chunk option {key} must be true or false, got {cfg[key]!r}")
+    return cfg
+
+
 def _pick_group(progs, max_chunks, slots):
     """Chunks per group minimising a wave-count model of the sequential passes (0: no grouping).
 
@@ -574,11 +614,9 @@ class _Grouping:
 class _Plan:
     """Chunk / group bookkeeping for one call (fixed-length batch or packed documents)."""
 
-    def __init__(self, B, T, H, N, cu_seqlens, device):
-        self.cfg = cfg = dict(CONFIG)  # one snapshot, so backward launches like its forward
+    def __init__(self, B, T, H, N, cu_seqlens, device, config=None):
+        self.cfg = cfg = resolve_config(config)  # one snapshot, so backward launches like its forward
         self.bt = BT = int(cfg["chunk_len"])
-        if BT not in (16, 32):
-            raise ValueError(f"CONFIG['chunk_len'] must be 16 or 32, got {BT}")
         self.T, self.H, self.N = T, H, N
         self.cu = cu_seqlens
         self.device = device
@@ -602,8 +640,8 @@ class _Plan:
         self.total = int(n.sum())
         self.max_chunks = int(n.max()) if len(n) else 0
         self.bv = cfg["state_bv"]
-        if cfg["grad_bv"] not in (16, 32, 64) or N % cfg["grad_bv"]:
-            raise ValueError(f"CONFIG['grad_bv'] must be 16, 32 or 64 (dividing N={N}), got {cfg['grad_bv']}")
+        if N % cfg["grad_bv"]:
+            raise ValueError(f"wkv7 chunk option grad_bv must divide the head size {N}, got {cfg['grad_bv']}")
         # Two-level scan for the sequential passes when (sequences x heads) cannot fill the GPU.
         gc = cfg["group_chunks"]
         if gc == "auto":
@@ -613,8 +651,6 @@ class _Plan:
         self.grouped = 0 < gc < self.max_chunks
         self.groups = self.grouping(gc) if self.grouped else None
         ck = int(cfg["checkpoint_chunks"])
-        if ck < 0:
-            raise ValueError(f"CONFIG['checkpoint_chunks'] must be >= 0 (0: save no states), got {ck}")
         self.ckpt = self.grouping(ck) if ck > 1 and self.total else None
         self.save_states = ck != 0  # else backward recomputes them all from the initial state
 
@@ -671,9 +707,9 @@ def _state_dtype(x, cfg):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[sd]
 
 
-def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states=True):
+def chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states=True, config=None):
     B, T, H, N = r.shape
-    plan = _Plan(B, T, H, N, cu_seqlens, r.device)
+    plan = _Plan(B, T, H, N, cu_seqlens, r.device, config)
     BT = plan.bt
     dev, prec = r.device, _prec(r, plan.cfg)
     Wbuf, Qbuf = _prep(w, k, a, b, plan)
@@ -786,9 +822,9 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
 
 class _ChunkWKV7Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states):
+    def forward(ctx, r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, need_states, config):
         y, ht, states, plan, wy = chunk_wkv7_fwd(r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state,
-                                                 need_states=need_states)
+                                                 need_states=need_states, config=config)
         if need_states:
             h0 = None if plan.save_states else initial_state  # to recompute the states from
             ctx.save_for_backward(r, w, k, v, a, b, states, h0, *(wy or ()))
@@ -806,11 +842,14 @@ class _ChunkWKV7Function(torch.autograd.Function):
         )
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
-        return dr, dw, dk, dv, da, db, dh0, None, None, None
+        return dr, dw, dk, dv, da, db, dh0, None, None, None, None
 
 
-def chunk_wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False):
+def chunk_wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_state=False, config=None):
     """Chunked Triton RWKV-7 recurrence. Inputs [B, T, H, 64]; returns (y, final_state or None).
+
+    `config`: options for this call on top of CONFIG (e.g. {"checkpoint_chunks": 1}: keep every chunk
+    state for backward, faster for more memory), checked by `resolve_config`.
 
     `initial_state` [B, H, 64, 64] (or [n_docs, H, 64, 64] with `cu_seqlens`, B == 1); fp32 state math,
     y in r's dtype, the final state fp32. Differentiable in every tensor input. Needs w >= about -5
@@ -821,4 +860,5 @@ def chunk_wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_fin
     need_states = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state)
     )  # inference: the per-chunk states need not be written (unless the output kernel reads them)
-    return _ChunkWKV7Function.apply(r, w, k, v, a, b, initial_state, cu_seqlens, bool(output_final_state), need_states)
+    return _ChunkWKV7Function.apply(r, w, k, v, a, b, initial_state, cu_seqlens, bool(output_final_state), need_states,
+                                    config)
