@@ -96,7 +96,7 @@ class Config:
 # Keys that may differ when a run directory is resumed; everything else must match its saved config.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
                      "checkpoint.", "logging.", "data.path", "data.urls", "data.val_batches", "run.dir",
-                     "model.wkv_kernel.", "model.attn_kernel.")  # kernel options: speed and memory only
+                     "model.wkv_kernel.", "model.attn_kernel.")  # kernel options: speed, memory, rounding
 
 
 def _valid_keys(cls, prefix: str = "") -> dict[str, Any]:

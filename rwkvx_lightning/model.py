@@ -44,8 +44,8 @@ class ModelConfig:
     attn_init: str = "zero"  # zero: new blocks start as identity (paper); copy: from the preceding RWKV block (upstream)
     wkv_backend: str = "auto"  # auto: Triton on CUDA, chunked PyTorch elsewhere | triton | torch | naive (token loop)
     attn_backend: str = "auto"  # auto: Triton on CUDA, PyTorch reference elsewhere | triton | torch
-    # Options of the Triton kernels, for speed or memory only (the math is the same); unknown keys or bad
-    # values stop the run at start-up. wkv_kernel: keys of rwkvx_kernels.wkv7.chunk.CONFIG, e.g.
+    # Options of the Triton kernels: speed and memory, and the rounding of a few (dot_precision,
+    # exact_precision, state_dtype, sel_prec); unknown keys or bad values stop the run at start-up. wkv_kernel: keys of rwkvx_kernels.wkv7.chunk.CONFIG, e.g.
     # {checkpoint_chunks: 1} keeps every chunk state for backward (four bf16 inputs' worth of memory per
     # block, 12-21% less recurrence time on an H200; default 0 keeps only the inputs, as fla). attn_kernel: keys of
     # rwkvx_kernels.sparse_attention.triton_topk.CONFIG_GPU (launch parameters).
@@ -104,7 +104,11 @@ class ModelConfig:
             if not options:
                 continue
             try:
-                importlib.import_module(module).resolve_config(dict(options))
+                resolve = importlib.import_module(module).resolve_config
+            except ImportError:  # no Triton here: the kernels (and so their options) cannot run
+                continue
+            try:
+                resolve(dict(options))
             except ValueError as e:
                 raise ValueError(f"model.{key}: {e}") from e
 

@@ -276,9 +276,10 @@ def test_gpu_long_sequence_finite(fn):
 @pytest.mark.parametrize(
     "cfg",
     [{"chunk_len": 64}, {"grad_bv": 48}, {"checkpoint_chunks": -1}, {"dot_precision": "fp8"},
-     {"group_chunks": "some"}, {"save_wy": 1}, {"state_warps": 0}, {"chunk_size": 16}],
+     {"group_chunks": "some"}, {"save_wy": 1}, {"state_warps": 0}, {"grad_warps": 3}, {"state_bv": 32.0},
+     {"chunk_size": 16}],
     ids=["chunk_len", "grad_bv", "checkpoint_chunks", "dot_precision", "group_chunks", "save_wy", "state_warps",
-         "unknown-key"],
+         "grad_warps", "state_bv-float", "unknown-key"],
 )
 def test_chunk_rejects_bad_config(cfg):
     """A bad or unknown option is refused with its name (and value), before any kernel runs, by the kernel and by

@@ -325,7 +325,7 @@ def compile_only(configs, topk=3, arch=90):
     H, K1, D = 16, topk - 1, 64
     kp = max(2, 1 << (K1 - 1).bit_length())
     for i, cfg in enumerate(configs):
-        c = {**S.CONFIG_GPU, **cfg}
+        c = S.resolve_config(cfg)
         tag = f"[{i}] " if len(configs) > 1 else ""
         tiles = {p: {"BM": c.get(f"{p}_bm"), "BN": c.get(f"{p}_bn")} for p in ("past", "fwd", "dkdv", "dqp", "dq")}
         dot = {"DOT_PREC": "tf32", "D": D, "BD": D}

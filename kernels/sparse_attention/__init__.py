@@ -50,10 +50,13 @@ def sparse_attention(q, k, v, chunk_size: int, topk: int, cu_seqlens=None, *, ba
     """
     if backend not in (None, "triton", "naive"):
         raise ValueError(f"unknown sparse attention backend {backend!r} (triton, naive)")
-    if config:  # checked even when the reference runs, so a bad option fails on every machine
-        from .triton_topk import resolve_config
-
-        resolve_config(config)
+    if config:  # checked even when the reference runs, so a bad option fails on every machine with Triton
+        try:
+            from .triton_topk import resolve_config
+        except ImportError:  # no Triton: the options cannot apply; the reference runs below
+            pass
+        else:
+            resolve_config(config, q.device)
     if backend is None:
         reason = _fallback_reason(q)
         if reason is not None:

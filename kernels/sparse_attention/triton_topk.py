@@ -612,8 +612,8 @@ def _config(device: torch.device, config) -> dict:
         return isinstance(val, int) and not isinstance(val, bool) and val >= low and not val & (val - 1)
 
     for key, val in cfg.items():
-        # tl.dot needs 16-row tiles on a GPU; the CPU interpreter also runs smaller ones (tests)
-        low = 16 if key.endswith("_bg") or device.type == "cuda" else 1
+        # tl.dot needs 16-row tiles on a GPU (means_bn feeds no product); the CPU interpreter runs smaller ones
+        low = 16 if key.endswith("_bg") or (device.type == "cuda" and key != "means_bn") else 1
         if key.endswith(("_bm", "_bn", "_bg")) and not power_of_two(val, low):
             raise ValueError(f"sparse attention config {key} must be a power of two >= {low}, got {val!r}")
         if key.endswith("_warps") and not power_of_two(val, 1):
@@ -630,10 +630,11 @@ def _config(device: torch.device, config) -> dict:
     return cfg
 
 
-def resolve_config(options=None) -> dict:
-    """The GPU launch parameters with `options` (some keys of CONFIG_GPU) on top; ValueError naming an
-    unknown key or a bad value (the model checks its `attn_kernel` config with this at start-up)."""
-    return _config(torch.device("cuda"), options)
+def resolve_config(options=None, device="cuda") -> dict:
+    """The launch parameters for `device` (CONFIG_GPU on CUDA, else CONFIG_INTERPRET) with `options` (some of
+    their keys) on top; ValueError naming an unknown key or a bad value (the model checks its
+    `attn_kernel` config with this at start-up)."""
+    return _config(torch.device(device), options)
 
 
 def _bounds(cu_seqlens, B: int, T: int) -> tuple:

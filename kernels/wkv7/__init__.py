@@ -45,9 +45,12 @@ def wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None, output_final_sta
     """The recurrence through `backend` (module docstring); `config`: options of the `chunk` kernel for this
     call (keys of `chunk.CONFIG`, checked even when another backend runs), ignored by the others."""
     if config:
-        from .chunk import resolve_config
-
-        resolve_config(config)
+        try:
+            from .chunk import resolve_config
+        except ImportError:  # no Triton: the options cannot apply; the reference runs below
+            pass
+        else:
+            resolve_config(config)
     if backend != "naive":
         reason = _fallback_reason(r)
         if reason is not None:

@@ -558,14 +558,17 @@ def resolve_config(options=None) -> dict:
             raise ValueError(f"unknown wkv7 chunk kernel option(s) {unknown}; known: {sorted(CONFIG)}")
         cfg.update(options)
     for key, allowed in _CHOICES.items():
-        if cfg[key] not in allowed:
-            raise ValueError(f"wkv7 chunk option {key} must be one of {allowed}, got {cfg[key]!r}")
+        val = cfg[key]
+        if type(val) is not type(allowed[0]) or val not in allowed:  # 32.0 or True are not 32 or 1 here
+            raise ValueError(f"wkv7 chunk option {key} must be one of {allowed}, got {val!r}")
     for key in ("checkpoint_chunks", "state_warps", "chunk_warps", "grad_warps", "scan_warps", "programs_per_sm"):
         val = cfg[key]
         low = 0 if key == "checkpoint_chunks" else 1
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+        if type(val) is not int or val < low:
             why = " (0: save no chunk states)" if key == "checkpoint_chunks" else ""
             raise ValueError(f"wkv7 chunk option {key} must be an integer >= {low}{why}, got {val!r}")
+        if key.endswith("_warps") and val & (val - 1):
+            raise ValueError(f"wkv7 chunk option {key} must be a power of two, got {val}")
     gc = cfg["group_chunks"]
     if gc != "auto" and (isinstance(gc, bool) or not isinstance(gc, int) or gc < 0):
         raise ValueError(f"wkv7 chunk option group_chunks must be 'auto' or an integer >= 0, got {gc!r}")
