@@ -532,11 +532,109 @@ def _bwd_grads_kernel(
     _store_rows(db, dbh * eGi, t0, eos, i_h, o_k, H, N, BT)
 
 
+@triton.jit
+def _bwd_grads_state_kernel(
+    r, w, k, v, b, dy, Wbuf, Qbuf, states, dstates, dr, dv,
+    DW, DQ, DBH, DKH, DGP, DGC, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """First half of `_bwd_grads` for long chunks (BT 64, whose one-kernel form needs more shared memory
+    than a GPU has): everything that touches the chunk's state S0 and its gradient dS, with the forward's
+    W, Q read from `_prep`'s buffers. Stores dv and dr, and for `_bwd_grads_wy_kernel` (fp32 per chunk):
+    dW, dQ, the state parts of dbh, dkh, dG's part rt*drt - bh*dbh - kh*dkh, and dL/dgC."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    base = i_c.to(tl.int64) * H + i_h
+    w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+    G = tl.cumsum(w_c, axis=0)
+    eGi = tl.exp(-G)
+    rt = _load_rows(r, t0, eos, i_h, o_k, H, N, BT) * tl.exp(G)
+    bh = _load_rows(b, t0, eos, i_h, o_k, H, N, BT) * eGi
+    kh = _load_rows(k, t0, eos, i_h, o_k, H, N, BT) * eGi
+    lower = o_t[:, None] >= o_t[None, :]
+    strict = o_t[:, None] > o_t[None, :]
+    Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
+    Ark = tl.where(lower, _dot(rt, tl.trans(kh), PREC), 0.0)
+    Wm = tl.load(Wbuf + base * BT * N + o_t[:, None] * N + o_k[None, :])
+    Qm = tl.load(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :])
+    o_s = o_k[:, None] * N + o_k[None, :]
+    S0 = tl.load(states + base * N * N + o_s).to(tl.float32)  # [value, key]
+    dSg = tl.load(dstates + base * N * N + o_s).to(tl.float32) * tl.exp(tl.sum(w_c, axis=0))[None, :]
+    v_c = _load_rows(v, t0, eos, i_h, o_k, H, N, BT)
+    dy_c = _load_rows(dy, t0, eos, i_h, o_k, H, N, BT)
+    # the same products as _bwd_grads_kernel's loop, for the whole state at once
+    U = _dot(Wm, tl.trans(S0), PREC) + _dot(Qm, v_c, PREC)
+    dU = _dot(tl.trans(Arb), dy_c, PREC) + _dot(bh, tl.trans(dSg), PREC)
+    dv_c = _dot(tl.trans(Ark), dy_c, PREC) + _dot(kh, tl.trans(dSg), PREC) + _dot(tl.trans(Qm), dU, PREC)
+    _store_rows(dv, dv_c, t0, eos, i_h, o_k, H, N, BT)
+    dArb = tl.where(lower, _dot(dy_c, tl.trans(U), PREC), 0.0)
+    dArk = tl.where(lower, _dot(dy_c, tl.trans(v_c), PREC), 0.0)
+    dbh = _dot(U, dSg, PREC)
+    dkh = _dot(v_c, dSg, PREC)
+    dgC = tl.sum(dSg * S0, axis=0) + tl.sum(dbh * bh + dkh * kh, axis=0)
+    dbh += _dot(tl.trans(dArb), rt, PREC)
+    dkh += _dot(tl.trans(dArk), rt, PREC)
+    drt = _dot(dy_c, S0, PREC) + _dot(dArb, bh, PREC) + _dot(dArk, kh, PREC)
+    _store_rows(dr, drt * tl.exp(G), t0, eos, i_h, o_k, H, N, BT)
+    o_m = o_t[:, None] * N + o_k[None, :]
+    tl.store(DW + base * BT * N + o_m, _dot(dU, S0, PREC))
+    tl.store(DQ + base * BT * BT + o_t[:, None] * BT + o_t[None, :],
+             tl.where(strict, _dot(dU, tl.trans(v_c), PREC), 0.0))
+    tl.store(DBH + base * BT * N + o_m, dbh)
+    tl.store(DKH + base * BT * N + o_m, dkh)
+    tl.store(DGP + base * BT * N + o_m, drt * rt - dbh * bh - dkh * kh)
+    tl.store(DGC + base * N + o_k, dgC)
+
+
+@triton.jit
+def _bwd_grads_wy_kernel(
+    w, k, a, b, DW, DQ, DBH, DKH, DGP, DGC, dw, dk, da, db, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Second half of `_bwd_grads` for long chunks: back through W = M at, Q = M Aak, M = (I - Aab)^{-1}
+    (M recomputed) to dw, dk, da, db."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    base = i_c.to(tl.int64) * H + i_h
+    w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+    k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
+    a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
+    b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
+    G, at, bh, kh, Aak, M, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC, EXACT)
+    strict = o_t[:, None] > o_t[None, :]
+    o_m = o_t[:, None] * N + o_k[None, :]
+    dW = tl.load(DW + base * BT * N + o_m)
+    dQ = tl.load(DQ + base * BT * BT + o_t[:, None] * BT + o_t[None, :])
+    MT = tl.trans(M)
+    dM = _dot(dW, tl.trans(at), PREC) + _dot(dQ, tl.trans(Aak), PREC)
+    dAak = tl.where(strict, _dot(MT, dQ, PREC), 0.0)
+    dAab = tl.where(strict, _dot(_dot(MT, dM, PREC), MT, PREC), 0.0)
+    dat = _dot(MT, dW, PREC) + _dot(dAab, bh, PREC) + _dot(dAak, kh, PREC)
+    dbh_wy = _dot(tl.trans(dAab), at, PREC)
+    dkh_wy = _dot(tl.trans(dAak), at, PREC)
+    datat = dat * at
+    dG = tl.load(DGP + base * BT * N + o_m) - dbh_wy * bh - dkh_wy * kh + datat
+    dgC = tl.load(DGC + base * N + o_k)
+    dw_c = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG - datat + dgC[None, :]
+    _store_rows(dw, dw_c, t0, eos, i_h, o_k, H, N, BT)
+    eGi = tl.exp(-G)
+    _store_rows(dk, (tl.load(DKH + base * BT * N + o_m) + dkh_wy) * eGi, t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(da, dat * tl.exp(G - w_c), t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(db, (tl.load(DBH + base * BT * N + o_m) + dbh_wy) * eGi, t0, eos, i_h, o_k, H, N, BT)
+
+
 # ----------------------------------------------------------------------------- host side
 
 
 _CHOICES = {
-    "chunk_len": (16, 32),
+    "chunk_len": (16, 32, 64),
     "dot_precision": ("auto", "tf32", "ieee", "bf16"),
     "exact_precision": ("auto", "ieee", "tf32x3"),
     "grad_bv": (16, 32, 64),
@@ -795,7 +893,9 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
         _state_pass(r, w, k, v, b, None, Wbuf, Qbuf, initial_state, None, states, plan, fuse=False)
     elif plan.ckpt is not None:
         states = _restore_states(r, w, k, v, b, Wbuf, Qbuf, states, plan)
-    del Qbuf
+    split = BT == 64  # one-kernel _bwd_grads needs more shared memory than a GPU has at 64-token chunks
+    if not split:
+        del Qbuf
     dstates = torch.empty_like(states)
     dh0 = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if need_dh0 else None
     common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["state_warps"])
@@ -814,7 +914,23 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
         USE_DHT=dht is not None, STORE_DH0=need_dh0 and not plan.grouped, GROUPED=plan.grouped, AUG=False, **common,
     )
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-    if plan.total:
+    if plan.total and split:
+        dr, dw, dk, dv, da, db = grads
+        f32 = dict(dtype=torch.float32, device=dev)
+        dW, dbh, dkh, dGp = (torch.empty(plan.total, H, BT, N, **f32) for _ in range(4))
+        dQ = torch.empty(plan.total, H, BT, BT, **f32)
+        dgC = torch.empty(plan.total, H, N, **f32)
+        _bwd_grads_state_kernel[(plan.total, H)](
+            r, w, k, v, b, dy, Wbuf, Qbuf, states, dstates, dr, dv, dW, dQ, dbh, dkh, dGp, dgC,
+            plan.cu, plan.indices, T, plan.NT, H=H, N=N, BT=BT, IS_VARLEN=plan.is_varlen, PREC=prec,
+            num_warps=plan.cfg["grad_warps"],
+        )
+        _bwd_grads_wy_kernel[(plan.total, H)](
+            w, k, a, b, dW, dQ, dbh, dkh, dGp, dgC, dw, dk, da, db, plan.cu, plan.indices, T, plan.NT,
+            H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen, PREC=prec,
+            EXACT=_exact(w, plan.cfg), num_warps=plan.cfg["grad_warps"],
+        )
+    elif plan.total:
         _bwd_grads_kernel[(plan.total, H)](
             r, w, k, v, a, b, dy, states, dstates, *grads, plan.cu, plan.indices, T, plan.NT,
             H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), BV=plan.cfg["grad_bv"], IS_VARLEN=plan.is_varlen,
