@@ -322,3 +322,18 @@ def test_fallback_to_naive_for_float64():
     with pytest.warns(UserWarning, match="PyTorch reference"):
         y, ht = wkv7(*xs, initial_state=h0.double(), output_final_state=True)
     assert wkv7_pkg.last_backend() == "naive" and y.dtype == torch.float64
+
+
+def test_chunk64_launch_defaults_and_limits():
+    """64-token chunks take warpgroup-sized warp counts unless set explicitly, and refuse the fused output
+    (more shared memory than a GPU has)."""
+    from rwkvx_kernels.wkv7.chunk import CHUNK64_WARPS, resolve_config
+
+    cfg = resolve_config({"chunk_len": 64})
+    assert {key: cfg[key] for key in CHUNK64_WARPS} == CHUNK64_WARPS
+    assert resolve_config({"chunk_len": 64, "grad_warps": 4})["grad_warps"] == 4
+    from rwkvx_kernels.wkv7.chunk import CONFIG
+
+    assert {key: resolve_config({})[key] for key in CHUNK64_WARPS} == {key: CONFIG[key] for key in CHUNK64_WARPS}
+    with pytest.raises(ValueError, match="fuse_out.*chunk_len 64"):
+        resolve_config({"chunk_len": 64, "fuse_out": True})
