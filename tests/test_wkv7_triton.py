@@ -156,6 +156,8 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"checkpoint_chunks": 0, "fuse_out": True}, id="no-checkpoints-fused"),
         pytest.param({"grad_bv": 16}, id="grad-bv16"),
         pytest.param({"grad_bv": 32, "chunk_len": 32}, id="grad-bv32-chunk32"),
+        pytest.param({"chunk_len": 64}, id="chunk64-split-grads"),
+        pytest.param({"chunk_len": 64, "checkpoint_chunks": 1, "group_chunks": 1}, id="chunk64-every-chunk-grouped"),
     ],
 )
 @pytest.mark.parametrize("B,T,H,cu", [(2, 70, 1, None), (1, 90, 1, [0, 5, 75, 75, 90])], ids=["batch", "varlen"])
@@ -275,7 +277,7 @@ def test_gpu_long_sequence_finite(fn):
 
 @pytest.mark.parametrize(
     "cfg",
-    [{"chunk_len": 64}, {"grad_bv": 48}, {"checkpoint_chunks": -1}, {"dot_precision": "fp8"},
+    [{"chunk_len": 128}, {"grad_bv": 48}, {"checkpoint_chunks": -1}, {"dot_precision": "fp8"},
      {"group_chunks": "some"}, {"save_wy": 1}, {"state_warps": 0}, {"grad_warps": 3}, {"state_bv": 32.0},
      {"chunk_size": 16}],
     ids=["chunk_len", "grad_bv", "checkpoint_chunks", "dot_precision", "group_chunks", "save_wy", "state_warps",
@@ -320,3 +322,18 @@ def test_fallback_to_naive_for_float64():
     with pytest.warns(UserWarning, match="PyTorch reference"):
         y, ht = wkv7(*xs, initial_state=h0.double(), output_final_state=True)
     assert wkv7_pkg.last_backend() == "naive" and y.dtype == torch.float64
+
+
+def test_chunk64_launch_defaults_and_limits():
+    """64-token chunks take warpgroup-sized warp counts unless set explicitly, and refuse the fused output
+    (more shared memory than a GPU has)."""
+    from rwkvx_kernels.wkv7.chunk import CHUNK64_WARPS, resolve_config
+
+    cfg = resolve_config({"chunk_len": 64})
+    assert {key: cfg[key] for key in CHUNK64_WARPS} == CHUNK64_WARPS
+    assert resolve_config({"chunk_len": 64, "grad_warps": 4})["grad_warps"] == 4
+    from rwkvx_kernels.wkv7.chunk import CONFIG
+
+    assert {key: resolve_config({})[key] for key in CHUNK64_WARPS} == {key: CONFIG[key] for key in CHUNK64_WARPS}
+    with pytest.raises(ValueError, match="fuse_out.*chunk_len 64"):
+        resolve_config({"chunk_len": 64, "fuse_out": True})

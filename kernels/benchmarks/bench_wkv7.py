@@ -246,6 +246,24 @@ def compile_only(arch=90):
                 c = dict(H=H, N=N, BT=16, BV=cfg["scan_bv"], USE_INIT=True, STORE_FINAL=True, REVERSE=rev,
                          IS_VARLEN=varlen, EXACT=exact)
                 build(C._scan_kernel, base, c, cfg["scan_warps"], f"scan reverse={rev} {exact} varlen={varlen}")
+        # 64-token chunks (experimental), bf16 states, their own warp defaults; the three split gradient kernels
+        t = {**base, "states": "*bf16", "dstates": "*bf16",
+             **dict.fromkeys(["DW", "DQ", "DBH", "DKH", "DGP", "DGC", "UBUF"], f32)}
+        w64 = {**cfg, **C.CHUNK64_WARPS}
+        c = dict(H=H, N=N, BT=64, LOG2_BT=6, IS_VARLEN=varlen, PREC="tf32", EXACT="tf32x3")
+        build(C._prep_kernel, t, c, w64["chunk_warps"], f"chunk64 prep varlen={varlen}")
+        build(C._bwd_grads_wy_kernel, t, c, w64["grad_warps"], f"chunk64 bwd_grads_wy varlen={varlen}")
+        c = dict(H=H, N=N, BT=64, IS_VARLEN=varlen, PREC="tf32")
+        build(C._fwd_out_kernel, t, c, w64["chunk_warps"], f"chunk64 fwd_out varlen={varlen}")
+        build(C._bwd_grads_u_kernel, t, c, w64["grad_warps"], f"chunk64 bwd_grads_u varlen={varlen}")
+        build(C._bwd_grads_s_kernel, t, c, w64["grad_warps"], f"chunk64 bwd_grads_s varlen={varlen}")
+        for aug, grouped in [(False, False), (True, True), (False, True)]:
+            c = dict(H=H, N=N, BT=64, BV=bv, USE_H0=True, STORE_HT=not grouped, STORE_STATES=not aug, FUSE_OUT=False,
+                     GROUPED=grouped, AUG=aug, IS_VARLEN=varlen, PREC="tf32")
+            build(C._fwd_state_kernel, t, c, w64["state_warps"], f"chunk64 fwd_state aug={aug} grouped={grouped} varlen={varlen}")
+            c = dict(H=H, N=N, BT=64, BV=bv, USE_DHT=True, STORE_DH0=not grouped, GROUPED=grouped, AUG=aug,
+                     IS_VARLEN=varlen, PREC="tf32")
+            build(C._bwd_state_kernel, t, c, w64["state_warps"], f"chunk64 bwd_state aug={aug} grouped={grouped} varlen={varlen}")
         t = {**base, "ckpt": f32, "scratch": f32, **dict.fromkeys(["dr", "dw", "dk", "da", "db"], f32)}
         c = dict(H=H, N=N, BV=16, SEG=16, USE_H0=True, STORE_HT=True, IS_VARLEN=varlen)
         build(F._wkv7_fwd_kernel, t, c, 2, f"fused_recurrent fwd varlen={varlen}")

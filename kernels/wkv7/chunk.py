@@ -64,10 +64,12 @@ from .inputs import prepare_inputs
 # but twice the error of tf32: gradients 6.4e-3 vs 3.1e-3, fla 4.0e-3), "auto" = ieee for fp32 inputs
 # and tf32 for bf16/fp16.
 CONFIG = {
-    # tokens per chunk, BT: 16 or 32 (needs w >= about -88 / BT). 32 halves the sequential steps and the
+    # tokens per chunk, BT: 16, 32 or 64 (needs w >= about -88 / BT). 32 halves the sequential steps and the
     # saved states but its tiles spill (Triton 3.6: _bwd_grads 756 B even with 8 warps) and it is twice
-    # as slow (32.5 vs 15.6 ms at 8x4096x64 on an H200); 64 would need 288 KB of shared memory in
-    # _bwd_grads, more than an H100 has.
+    # as slow (32.5 vs 15.6 ms at 8x4096x64 on an H200). 64 (experimental: exact in the interpreter, not
+    # yet timed) uses warpgroup-sized tiles, with _bwd_grads split in three kernels (its one-kernel form
+    # needs 278 KB of shared memory) and its own warp defaults (CHUNK64_WARPS); fp32 inputs are slow there
+    # (exact fp32 products on 64 x 64 tiles spill heavily).
     "chunk_len": 16,
     "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
     # The products that must stay fp32-exact (the WY inverse, the group scan): "ieee" (FMA loops),
@@ -532,11 +534,141 @@ def _bwd_grads_kernel(
     _store_rows(db, dbh * eGi, t0, eos, i_h, o_k, H, N, BT)
 
 
+@triton.jit
+def _bwd_grads_u_kernel(
+    r, w, k, v, b, dy, Wbuf, Qbuf, states, dstates, dv, DW, DQ, UBUF, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """First of three kernels replacing `_bwd_grads` for long chunks (BT 64, whose one-kernel form needs
+    more shared memory than a GPU has): U = W S0^T + Q V and its gradient dU, hence dv, dW = dU S0 and
+    dQ = dU V^T (fp32 per chunk, for `_bwd_grads_wy_kernel`); U goes to `_bwd_grads_s_kernel`."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    base = i_c.to(tl.int64) * H + i_h
+    w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+    G = tl.cumsum(w_c, axis=0)
+    eGi = tl.exp(-G)
+    rt = _load_rows(r, t0, eos, i_h, o_k, H, N, BT) * tl.exp(G)
+    lower = o_t[:, None] >= o_t[None, :]
+    strict = o_t[:, None] > o_t[None, :]
+    o_s = o_k[:, None] * N + o_k[None, :]
+    o_m = o_t[:, None] * N + o_k[None, :]
+    S0 = tl.load(states + base * N * N + o_s).to(tl.float32)  # [value, key]
+    v_c = _load_rows(v, t0, eos, i_h, o_k, H, N, BT)
+    U = _dot(tl.load(Wbuf + base * BT * N + o_m), tl.trans(S0), PREC)
+    Qm = tl.load(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :])
+    U += _dot(Qm, v_c, PREC)
+    tl.store(UBUF + base * BT * N + o_m, U)
+    dSg = tl.load(dstates + base * N * N + o_s).to(tl.float32) * tl.exp(tl.sum(w_c, axis=0))[None, :]
+    dy_c = _load_rows(dy, t0, eos, i_h, o_k, H, N, BT)
+    bh = _load_rows(b, t0, eos, i_h, o_k, H, N, BT) * eGi
+    Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
+    dU = _dot(tl.trans(Arb), dy_c, PREC) + _dot(bh, tl.trans(dSg), PREC)
+    tl.store(DW + base * BT * N + o_m, _dot(dU, S0, PREC))
+    tl.store(DQ + base * BT * BT + o_t[:, None] * BT + o_t[None, :],
+             tl.where(strict, _dot(dU, tl.trans(v_c), PREC), 0.0))
+    kh = _load_rows(k, t0, eos, i_h, o_k, H, N, BT) * eGi
+    Ark = tl.where(lower, _dot(rt, tl.trans(kh), PREC), 0.0)
+    dv_c = _dot(tl.trans(Ark), dy_c, PREC) + _dot(kh, tl.trans(dSg), PREC) + _dot(tl.trans(Qm), dU, PREC)
+    _store_rows(dv, dv_c, t0, eos, i_h, o_k, H, N, BT)
+
+
+@triton.jit
+def _bwd_grads_s_kernel(
+    r, w, k, v, b, dy, states, dstates, dr, UBUF, DBH, DKH, DGP, DGC, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """Second of the three long-chunk kernels: the gradients of the intra-chunk matrices Arb, Ark and of
+    the decayed rows rt, bh, kh through Y and S_end (dr stored; the state parts of dbh, dkh, dG's
+    partial sum and dL/dgC in fp32 for `_bwd_grads_wy_kernel`)."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    base = i_c.to(tl.int64) * H + i_h
+    lower = o_t[:, None] >= o_t[None, :]
+    o_s = o_k[:, None] * N + o_k[None, :]
+    o_m = o_t[:, None] * N + o_k[None, :]
+    w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+    G = tl.cumsum(w_c, axis=0)
+    eGi = tl.exp(-G)
+    dy_c = _load_rows(dy, t0, eos, i_h, o_k, H, N, BT)
+    U = tl.load(UBUF + base * BT * N + o_m)
+    v_c = _load_rows(v, t0, eos, i_h, o_k, H, N, BT)
+    dSg = tl.load(dstates + base * N * N + o_s).to(tl.float32) * tl.exp(tl.sum(w_c, axis=0))[None, :]
+    S0 = tl.load(states + base * N * N + o_s).to(tl.float32)
+    bh = _load_rows(b, t0, eos, i_h, o_k, H, N, BT) * eGi
+    kh = _load_rows(k, t0, eos, i_h, o_k, H, N, BT) * eGi
+    dbh = _dot(U, dSg, PREC)
+    dkh = _dot(v_c, dSg, PREC)
+    dgC = tl.sum(dSg * S0, axis=0) + tl.sum(dbh * bh + dkh * kh, axis=0)
+    dArb = tl.where(lower, _dot(dy_c, tl.trans(U), PREC), 0.0)
+    dArk = tl.where(lower, _dot(dy_c, tl.trans(v_c), PREC), 0.0)
+    rt = _load_rows(r, t0, eos, i_h, o_k, H, N, BT) * tl.exp(G)
+    dbh += _dot(tl.trans(dArb), rt, PREC)
+    dkh += _dot(tl.trans(dArk), rt, PREC)
+    drt = _dot(dy_c, S0, PREC) + _dot(dArb, bh, PREC) + _dot(dArk, kh, PREC)
+    _store_rows(dr, drt * tl.exp(G), t0, eos, i_h, o_k, H, N, BT)
+    tl.store(DBH + base * BT * N + o_m, dbh)
+    tl.store(DKH + base * BT * N + o_m, dkh)
+    tl.store(DGP + base * BT * N + o_m, drt * rt - dbh * bh - dkh * kh)
+    tl.store(DGC + base * N + o_k, dgC)
+
+
+@triton.jit
+def _bwd_grads_wy_kernel(
+    w, k, a, b, DW, DQ, DBH, DKH, DGP, DGC, dw, dk, da, db, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Second half of `_bwd_grads` for long chunks: back through W = M at, Q = M Aak, M = (I - Aab)^{-1}
+    (M recomputed) to dw, dk, da, db."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_k = tl.arange(0, N)
+    o_t = tl.arange(0, BT)
+    base = i_c.to(tl.int64) * H + i_h
+    w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
+    k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
+    a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
+    b_c = _load_rows(b, t0, eos, i_h, o_k, H, N, BT)
+    G, at, bh, kh, Aak, M, Wm, Qm = _wy(w_c, k_c, a_c, b_c, BT, LOG2_BT, PREC, EXACT)
+    strict = o_t[:, None] > o_t[None, :]
+    o_m = o_t[:, None] * N + o_k[None, :]
+    dW = tl.load(DW + base * BT * N + o_m)
+    dQ = tl.load(DQ + base * BT * BT + o_t[:, None] * BT + o_t[None, :])
+    MT = tl.trans(M)
+    dM = _dot(dW, tl.trans(at), PREC) + _dot(dQ, tl.trans(Aak), PREC)
+    dAak = tl.where(strict, _dot(MT, dQ, PREC), 0.0)
+    dAab = tl.where(strict, _dot(_dot(MT, dM, PREC), MT, PREC), 0.0)
+    dat = _dot(MT, dW, PREC) + _dot(dAab, bh, PREC) + _dot(dAak, kh, PREC)
+    dbh_wy = _dot(tl.trans(dAab), at, PREC)
+    dkh_wy = _dot(tl.trans(dAak), at, PREC)
+    datat = dat * at
+    dG = tl.load(DGP + base * BT * N + o_m) - dbh_wy * bh - dkh_wy * kh + datat
+    dgC = tl.load(DGC + base * N + o_k)
+    dw_c = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG - datat + dgC[None, :]
+    _store_rows(dw, dw_c, t0, eos, i_h, o_k, H, N, BT)
+    eGi = tl.exp(-G)
+    _store_rows(dk, (tl.load(DKH + base * BT * N + o_m) + dkh_wy) * eGi, t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(da, dat * tl.exp(G - w_c), t0, eos, i_h, o_k, H, N, BT)
+    _store_rows(db, (tl.load(DBH + base * BT * N + o_m) + dbh_wy) * eGi, t0, eos, i_h, o_k, H, N, BT)
+
+
 # ----------------------------------------------------------------------------- host side
 
 
+# Launch defaults for 64-token chunks (compiled for sm_90 with bf16 inputs, Triton 3.6: every kernel fits the
+# shared memory, spills <= 0.5 KB; not yet timed or run on a GPU).
+CHUNK64_WARPS = {"chunk_warps": 4, "state_warps": 8, "grad_warps": 8}
+
 _CHOICES = {
-    "chunk_len": (16, 32),
+    "chunk_len": (16, 32, 64),
     "dot_precision": ("auto", "tf32", "ieee", "bf16"),
     "exact_precision": ("auto", "ieee", "tf32x3"),
     "grad_bv": (16, 32, 64),
@@ -557,6 +689,12 @@ def resolve_config(options=None) -> dict:
         if unknown:
             raise ValueError(f"unknown wkv7 chunk kernel option(s) {unknown}; known: {sorted(CONFIG)}")
         cfg.update(options)
+    if cfg["chunk_len"] == 64:  # 64-row tiles: warpgroup products need 4+ warps (unless set explicitly)
+        for key, val in CHUNK64_WARPS.items():
+            if key not in (options or {}) and cfg[key] == CONFIG[key]:
+                cfg[key] = val
+        if cfg["fuse_out"]:
+            raise ValueError("wkv7 chunk option fuse_out is not supported with chunk_len 64 (262 KB of shared memory)")
     for key, allowed in _CHOICES.items():
         val = cfg[key]
         if type(val) is not type(allowed[0]) or val not in allowed:  # 32.0 or True are not 32 or 1 here
@@ -795,7 +933,9 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
         _state_pass(r, w, k, v, b, None, Wbuf, Qbuf, initial_state, None, states, plan, fuse=False)
     elif plan.ckpt is not None:
         states = _restore_states(r, w, k, v, b, Wbuf, Qbuf, states, plan)
-    del Qbuf
+    split = BT == 64  # one-kernel _bwd_grads needs more shared memory than a GPU has at 64-token chunks
+    if not split:
+        del Qbuf
     dstates = torch.empty_like(states)
     dh0 = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if need_dh0 else None
     common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["state_warps"])
@@ -814,7 +954,28 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
         USE_DHT=dht is not None, STORE_DH0=need_dh0 and not plan.grouped, GROUPED=plan.grouped, AUG=False, **common,
     )
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-    if plan.total:
+    if plan.total and split:
+        dr, dw, dk, dv, da, db = grads
+        f32 = dict(dtype=torch.float32, device=dev)
+        dW, dbh, dkh, dGp = (torch.empty(plan.total, H, BT, N, **f32) for _ in range(4))
+        dQ = torch.empty(plan.total, H, BT, BT, **f32)
+        dgC = torch.empty(plan.total, H, N, **f32)
+        ubuf = torch.empty(plan.total, H, BT, N, **f32)
+        common = dict(H=H, N=N, BT=BT, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["grad_warps"])
+        _bwd_grads_u_kernel[(plan.total, H)](
+            r, w, k, v, b, dy, Wbuf, Qbuf, states, dstates, dv, dW, dQ, ubuf, plan.cu, plan.indices, T, plan.NT,
+            **common,
+        )
+        _bwd_grads_s_kernel[(plan.total, H)](
+            r, w, k, v, b, dy, states, dstates, dr, ubuf, dbh, dkh, dGp, dgC, plan.cu, plan.indices, T, plan.NT,
+            **common,
+        )
+        _bwd_grads_wy_kernel[(plan.total, H)](
+            w, k, a, b, dW, dQ, dbh, dkh, dGp, dgC, dw, dk, da, db, plan.cu, plan.indices, T, plan.NT,
+            H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen, PREC=prec,
+            EXACT=_exact(w, plan.cfg), num_warps=plan.cfg["grad_warps"],
+        )
+    elif plan.total:
         _bwd_grads_kernel[(plan.total, H)](
             r, w, k, v, a, b, dy, states, dstates, *grads, plan.cu, plan.indices, T, plan.NT,
             H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), BV=plan.cfg["grad_bv"], IS_VARLEN=plan.is_varlen,
