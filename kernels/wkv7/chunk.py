@@ -36,7 +36,10 @@ Kernels (grid):
                 _restore_states (checkpoint_chunks c > 1: the states between saved checkpoints)
             _bwd_state (V blocks x seqs*H [x groups], reverse over chunks): dL/dS at every chunk
                 end -> HBM, dh0
-            _bwd_grads (chunks x H)           dr, dw, dk, dv, da, db (recomputes M and U per chunk)
+            _bwd_grads (chunks x H)           dr, dw, dk, dv, da, db (recomputes M and U per chunk);
+                at 64-token chunks three kernels instead (one would not fit shared memory), passing fp32
+                per-chunk terms through HBM: _bwd_grads_u (U, dU -> dv, dW, dQ), _bwd_grads_s (Arb, Ark,
+                rt, bh, kh terms -> dr), _bwd_grads_wy (back through the WY inverse -> dw, dk, da, db)
   When sequences x heads are too few to fill the GPU (long single sequences), the sequential
   passes become a two-level scan: groups of chunks are walked in parallel from state 0 and from
   the identity (rows N..2N of an "augmented" state) to get each group's affine map S -> S P + X,
