@@ -958,26 +958,7 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
     )
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     if plan.total and split:
-        dr, dw, dk, dv, da, db = grads
-        f32 = dict(dtype=torch.float32, device=dev)
-        dW, dbh, dkh, dGp = (torch.empty(plan.total, H, BT, N, **f32) for _ in range(4))
-        dQ = torch.empty(plan.total, H, BT, BT, **f32)
-        dgC = torch.empty(plan.total, H, N, **f32)
-        ubuf = torch.empty(plan.total, H, BT, N, **f32)
-        common = dict(H=H, N=N, BT=BT, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["grad_warps"])
-        _bwd_grads_u_kernel[(plan.total, H)](
-            r, w, k, v, b, dy, Wbuf, Qbuf, states, dstates, dv, dW, dQ, ubuf, plan.cu, plan.indices, T, plan.NT,
-            **common,
-        )
-        _bwd_grads_s_kernel[(plan.total, H)](
-            r, w, k, v, b, dy, states, dstates, dr, ubuf, dbh, dkh, dGp, dgC, plan.cu, plan.indices, T, plan.NT,
-            **common,
-        )
-        _bwd_grads_wy_kernel[(plan.total, H)](
-            w, k, a, b, dW, dQ, dbh, dkh, dGp, dgC, dw, dk, da, db, plan.cu, plan.indices, T, plan.NT,
-            H=H, N=N, BT=BT, LOG2_BT=int(math.log2(BT)), IS_VARLEN=plan.is_varlen, PREC=prec,
-            EXACT=_exact(w, plan.cfg), num_warps=plan.cfg["grad_warps"],
-        )
+        _bwd_grads_in_three(r, w, k, v, a, b, dy, states, dstates, Wbuf, Qbuf, grads, plan)
     elif plan.total:
         _bwd_grads_kernel[(plan.total, H)](
             r, w, k, v, a, b, dy, states, dstates, *grads, plan.cu, plan.indices, T, plan.NT,
@@ -985,6 +966,24 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
             PREC=prec, EXACT=_exact(w, plan.cfg), num_warps=plan.cfg["grad_warps"],
         )
     return (*grads, dh0)
+
+
+def _bwd_grads_in_three(r, w, k, v, a, b, dy, states, dstates, Wbuf, Qbuf, grads, plan):
+    """`_bwd_grads` for 64-token chunks as three kernels (module docstring), fp32 terms between them."""
+    BT, H, N, T = plan.bt, plan.H, plan.N, plan.T
+    dr, dw, dk, dv, da, db = grads
+    prec = _prec(r, plan.cfg)
+    f32 = dict(dtype=torch.float32, device=r.device)
+    ubuf, dW, dbh, dkh, dGp = (torch.empty(plan.total, H, BT, N, **f32) for _ in range(5))
+    dQ = torch.empty(plan.total, H, BT, BT, **f32)
+    dgC = torch.empty(plan.total, H, N, **f32)
+    seq = (plan.cu, plan.indices, T, plan.NT)
+    common = dict(H=H, N=N, BT=BT, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["grad_warps"])
+    grid = (plan.total, H)
+    _bwd_grads_u_kernel[grid](r, w, k, v, b, dy, Wbuf, Qbuf, states, dstates, dv, dW, dQ, ubuf, *seq, **common)
+    _bwd_grads_s_kernel[grid](r, w, k, v, b, dy, states, dstates, dr, ubuf, dbh, dkh, dGp, dgC, *seq, **common)
+    _bwd_grads_wy_kernel[grid](w, k, a, b, dW, dQ, dbh, dkh, dGp, dgC, dw, dk, da, db, *seq,
+                               LOG2_BT=int(math.log2(BT)), EXACT=_exact(w, plan.cfg), **common)
 
 
 class _ChunkWKV7Function(torch.autograd.Function):
