@@ -37,7 +37,7 @@ def test_overrides_apply_with_types():
         (["trainer.precision=fp8"], "trainer.precision"),
         (["optim.lr_final=1.0"], "optim.lr_final"),
         (["seed"], "not of the form key=value"),
-        (["model.wkv_kernel.chunk_len=64"], "model.wkv_kernel: wkv7 chunk option chunk_len .* got 64"),
+        (["model.wkv_kernel.chunk_len=128"], "model.wkv_kernel: wkv7 chunk option chunk_len .* got 128"),
         (["model.wkv_kernel.checkpoint_chunk=1"], "model.wkv_kernel: unknown .*checkpoint_chunk"),
         (["model.attn_kernel.dkdv_bm=48"], "model.attn_kernel: .*dkdv_bm .* got 48"),
         (["model.wkv_kernl.checkpoint_chunks=1"], "unknown config key 'model.wkv_kernl.checkpoint_chunks'"),
