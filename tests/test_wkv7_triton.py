@@ -158,6 +158,8 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"grad_bv": 32, "chunk_len": 32}, id="grad-bv32-chunk32"),
         pytest.param({"chunk_len": 64}, id="chunk64-split-grads"),
         pytest.param({"chunk_len": 64, "checkpoint_chunks": 1, "group_chunks": 1}, id="chunk64-every-chunk-grouped"),
+        pytest.param({"chunk_len": 64, "state_warps": 4, "state_stages": 1, "checkpoint_chunks": 2},
+                     id="chunk64-stages1-checkpoints2"),
     ],
 )
 @pytest.mark.parametrize("B,T,H,cu", [(2, 70, 1, None), (1, 90, 1, [0, 5, 75, 75, 90])], ids=["batch", "varlen"])
@@ -279,9 +281,9 @@ def test_gpu_long_sequence_finite(fn):
     "cfg",
     [{"chunk_len": 128}, {"grad_bv": 48}, {"checkpoint_chunks": -1}, {"dot_precision": "fp8"},
      {"group_chunks": "some"}, {"save_wy": 1}, {"state_warps": 0}, {"grad_warps": 3}, {"state_bv": 32.0},
-     {"chunk_size": 16}],
+     {"state_stages": 0}, {"chunk_size": 16}],
     ids=["chunk_len", "grad_bv", "checkpoint_chunks", "dot_precision", "group_chunks", "save_wy", "state_warps",
-         "grad_warps", "state_bv-float", "unknown-key"],
+         "grad_warps", "state_bv-float", "state_stages", "unknown-key"],
 )
 def test_chunk_rejects_bad_config(cfg):
     """A bad or unknown option is refused with its name (and value), before any kernel runs, by the kernel and by

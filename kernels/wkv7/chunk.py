@@ -82,6 +82,10 @@ CONFIG = {
     # Defaults from the H100 sweep in docs/benchmarks.md (2026-11-28).
     "state_bv": 64,  # value rows per program in the two sequential state passes
     "state_warps": 2,
+    # load pipeline stages of the two sequential state passes (Triton's default 3). At 64-token chunks
+    # they set the shared memory: 65 / 131 / 201 KB for 1 / 2 / 3 (compile-only, sm_90), i.e. how many
+    # programs share an SM with 4 warps (8 warps use every register of an SM anyway).
+    "state_stages": 3,
     "chunk_warps": 1,  # the per-chunk parallel kernels (_prep, _fwd_out)
     "grad_warps": 4,
     # _bwd_grads works through the [64, 64] state and its gradient in blocks of grad_bv value rows. 64
@@ -702,7 +706,8 @@ def resolve_config(options=None) -> dict:
         val = cfg[key]
         if type(val) is not type(allowed[0]) or val not in allowed:  # 32.0 or True are not 32 or 1 here
             raise ValueError(f"wkv7 chunk option {key} must be one of {allowed}, got {val!r}")
-    for key in ("checkpoint_chunks", "state_warps", "chunk_warps", "grad_warps", "scan_warps", "programs_per_sm"):
+    for key in ("checkpoint_chunks", "state_warps", "state_stages", "chunk_warps", "grad_warps", "scan_warps",
+                "programs_per_sm"):
         val = cfg[key]
         low = 0 if key == "checkpoint_chunks" else 1
         if type(val) is not int or val < low:
@@ -881,7 +886,7 @@ def _state_pass(r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, plan, f
     state -> `ht` (if given), y too with `fuse`; a two-level scan over groups when the plan has them."""
     H, N, bv = plan.H, plan.N, plan.bv
     common = dict(H=H, N=N, BT=plan.bt, BV=bv, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg),
-                  num_warps=plan.cfg["state_warps"])
+                  num_warps=plan.cfg["state_warps"], num_stages=plan.cfg["state_stages"])
     gstates = Xbuf = None
     ngrid = plan.groups.max_groups if plan.grouped else 1
     if plan.grouped:
@@ -920,6 +925,7 @@ def _restore_states(r, w, k, v, b, Wbuf, Qbuf, ckpt, plan):
         r, w, k, v, b, None, Wbuf, Qbuf, None, None, states, ckpt, None, *plan.seq_args(plan.ckpt),
         H=H, N=N, BT=BT, BV=bv, USE_H0=False, STORE_HT=False, STORE_STATES=True, FUSE_OUT=False, GROUPED=True,
         AUG=False, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg), num_warps=plan.cfg["state_warps"],
+        num_stages=plan.cfg["state_stages"],
     )
     return states
 
@@ -941,7 +947,8 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
         del Qbuf
     dstates = torch.empty_like(states)
     dh0 = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if need_dh0 else None
-    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["state_warps"])
+    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["state_warps"],
+                  num_stages=plan.cfg["state_stages"])
     gdstates = Xbuf = None
     ngrid = plan.groups.max_groups if plan.grouped else 1
     if plan.grouped:
