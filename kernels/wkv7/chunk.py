@@ -542,6 +542,22 @@ def _bwd_grads_kernel(
 
 
 @triton.jit
+def _chunk_program(cu_seqlens, chunk_indices, T, NT, H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr,
+                   IS_VARLEN: tl.constexpr):
+    """A per-chunk program's head, token range [t0, eos), key / token offsets and its row in per-chunk buffers."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    return i_h, t0, eos, tl.arange(0, N), tl.arange(0, BT), i_c.to(tl.int64) * H + i_h
+
+
+@triton.jit
+def _chunk_end_grad(dstates, base, o_s, w_c, N: tl.constexpr):
+    """dL/dS at the chunk's end with its key columns scaled by e^{gC} (dSg of `_bwd_grads_kernel`), fp32."""
+    return tl.load(dstates + base * N * N + o_s).to(tl.float32) * tl.exp(tl.sum(w_c, axis=0))[None, :]
+
+
+@triton.jit
 def _bwd_grads_u_kernel(
     r, w, k, v, b, dy, Wbuf, Qbuf, states, dstates, dv, DW, DQ, UBUF, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
@@ -549,12 +565,7 @@ def _bwd_grads_u_kernel(
     """First of three kernels replacing `_bwd_grads` for long chunks (BT 64, whose one-kernel form needs
     more shared memory than a GPU has): U = W S0^T + Q V and its gradient dU, hence dv, dW = dU S0 and
     dQ = dU V^T (fp32 per chunk, for `_bwd_grads_wy_kernel`); U goes to `_bwd_grads_s_kernel`."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    o_k = tl.arange(0, N)
-    o_t = tl.arange(0, BT)
-    base = i_c.to(tl.int64) * H + i_h
+    i_h, t0, eos, o_k, o_t, base = _chunk_program(cu_seqlens, chunk_indices, T, NT, H, N, BT, IS_VARLEN)
     w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
     G = tl.cumsum(w_c, axis=0)
     eGi = tl.exp(-G)
@@ -569,7 +580,7 @@ def _bwd_grads_u_kernel(
     Qm = tl.load(Qbuf + base * BT * BT + o_t[:, None] * BT + o_t[None, :])
     U += _dot(Qm, v_c, PREC)
     tl.store(UBUF + base * BT * N + o_m, U)
-    dSg = tl.load(dstates + base * N * N + o_s).to(tl.float32) * tl.exp(tl.sum(w_c, axis=0))[None, :]
+    dSg = _chunk_end_grad(dstates, base, o_s, w_c, N)
     dy_c = _load_rows(dy, t0, eos, i_h, o_k, H, N, BT)
     bh = _load_rows(b, t0, eos, i_h, o_k, H, N, BT) * eGi
     Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
@@ -591,12 +602,7 @@ def _bwd_grads_s_kernel(
     """Second of the three long-chunk kernels: the gradients of the intra-chunk matrices Arb, Ark and of
     the decayed rows rt, bh, kh through Y and S_end (dr stored; the state parts of dbh, dkh, dG's
     partial sum and dL/dgC in fp32 for `_bwd_grads_wy_kernel`)."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    o_k = tl.arange(0, N)
-    o_t = tl.arange(0, BT)
-    base = i_c.to(tl.int64) * H + i_h
+    i_h, t0, eos, o_k, o_t, base = _chunk_program(cu_seqlens, chunk_indices, T, NT, H, N, BT, IS_VARLEN)
     lower = o_t[:, None] >= o_t[None, :]
     o_s = o_k[:, None] * N + o_k[None, :]
     o_m = o_t[:, None] * N + o_k[None, :]
@@ -606,7 +612,7 @@ def _bwd_grads_s_kernel(
     dy_c = _load_rows(dy, t0, eos, i_h, o_k, H, N, BT)
     U = tl.load(UBUF + base * BT * N + o_m)
     v_c = _load_rows(v, t0, eos, i_h, o_k, H, N, BT)
-    dSg = tl.load(dstates + base * N * N + o_s).to(tl.float32) * tl.exp(tl.sum(w_c, axis=0))[None, :]
+    dSg = _chunk_end_grad(dstates, base, o_s, w_c, N)
     S0 = tl.load(states + base * N * N + o_s).to(tl.float32)
     bh = _load_rows(b, t0, eos, i_h, o_k, H, N, BT) * eGi
     kh = _load_rows(k, t0, eos, i_h, o_k, H, N, BT) * eGi
@@ -632,14 +638,9 @@ def _bwd_grads_wy_kernel(
     H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     IS_VARLEN: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
 ):
-    """Second half of `_bwd_grads` for long chunks: back through W = M at, Q = M Aak, M = (I - Aab)^{-1}
+    """Third of the three long-chunk kernels: back through W = M at, Q = M Aak, M = (I - Aab)^{-1}
     (M recomputed) to dw, dk, da, db."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    t0, eos = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    o_k = tl.arange(0, N)
-    o_t = tl.arange(0, BT)
-    base = i_c.to(tl.int64) * H + i_h
+    i_h, t0, eos, o_k, o_t, base = _chunk_program(cu_seqlens, chunk_indices, T, NT, H, N, BT, IS_VARLEN)
     w_c = _load_rows(w, t0, eos, i_h, o_k, H, N, BT)
     k_c = _load_rows(k, t0, eos, i_h, o_k, H, N, BT)
     a_c = _load_rows(a, t0, eos, i_h, o_k, H, N, BT)
