@@ -156,6 +156,7 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"checkpoint_chunks": 0, "fuse_out": True}, id="no-checkpoints-fused"),
         pytest.param({"grad_bv": 16}, id="grad-bv16"),
         pytest.param({"grad_bv": 32, "chunk_len": 32}, id="grad-bv32-chunk32"),
+        pytest.param({"grad_kernels": 3}, id="chunk16-split-grads"),
         pytest.param({"chunk_len": 64}, id="chunk64-split-grads"),
         pytest.param({"chunk_len": 64, "checkpoint_chunks": 1, "group_chunks": 1}, id="chunk64-every-chunk-grouped"),
         pytest.param({"chunk_len": 64, "state_warps": 4, "state_stages": 1, "checkpoint_chunks": 2},
@@ -281,9 +282,9 @@ def test_gpu_long_sequence_finite(fn):
     "cfg",
     [{"chunk_len": 128}, {"grad_bv": 48}, {"checkpoint_chunks": -1}, {"dot_precision": "fp8"},
      {"group_chunks": "some"}, {"save_wy": 1}, {"state_warps": 0}, {"grad_warps": 3}, {"state_bv": 32.0},
-     {"state_stages": 0}, {"chunk_size": 16}],
+     {"state_stages": 0}, {"grad_kernels": 2}, {"chunk_size": 16}],
     ids=["chunk_len", "grad_bv", "checkpoint_chunks", "dot_precision", "group_chunks", "save_wy", "state_warps",
-         "grad_warps", "state_bv-float", "state_stages", "unknown-key"],
+         "grad_warps", "state_bv-float", "state_stages", "grad_kernels", "unknown-key"],
 )
 def test_chunk_rejects_bad_config(cfg):
     """A bad or unknown option is refused with its name (and value), before any kernel runs, by the kernel and by
@@ -339,3 +340,6 @@ def test_chunk64_launch_defaults_and_limits():
     assert {key: resolve_config({})[key] for key in CHUNK64_WARPS} == {key: CONFIG[key] for key in CHUNK64_WARPS}
     with pytest.raises(ValueError, match="fuse_out.*chunk_len 64"):
         resolve_config({"chunk_len": 64, "fuse_out": True})
+    with pytest.raises(ValueError, match="grad_kernels 1.*chunk_len 64"):
+        resolve_config({"chunk_len": 64, "grad_kernels": 1})
+    assert resolve_config({"chunk_len": 64})["grad_kernels"] == 3 and resolve_config({})["grad_kernels"] == 1

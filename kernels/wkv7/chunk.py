@@ -37,8 +37,8 @@ Kernels (grid):
             _bwd_state (V blocks x seqs*H [x groups], reverse over chunks): dL/dS at every chunk
                 end -> HBM, dh0
             _bwd_grads (chunks x H)           dr, dw, dk, dv, da, db (recomputes M and U per chunk);
-                at 64-token chunks three kernels instead (one would not fit shared memory), passing fp32
-                per-chunk terms through HBM: _bwd_grads_u (U, dU -> dv, dW, dQ), _bwd_grads_s (Arb, Ark,
+                at 64-token chunks (one would not fit shared memory) or with grad_kernels 3, three kernels
+                instead, passing fp32 per-chunk terms through HBM: _bwd_grads_u (U, dU -> dv, dW, dQ), _bwd_grads_s (Arb, Ark,
                 rt, bh, kh terms -> dr), _bwd_grads_wy (back through the WY inverse -> dw, dk, da, db)
   When sequences x heads are too few to fill the GPU (long single sequences), the sequential
   passes become a two-level scan: groups of chunks are walked in parallel from state 0 and from
@@ -69,10 +69,11 @@ from .inputs import prepare_inputs
 CONFIG = {
     # tokens per chunk, BT: 16, 32 or 64 (needs w >= about -88 / BT). 32 halves the sequential steps and the
     # saved states but its tiles spill (Triton 3.6: _bwd_grads 756 B even with 8 warps) and it is twice
-    # as slow (32.5 vs 15.6 ms at 8x4096x64 on an H200). 64 (experimental: exact in the interpreter, not
-    # yet timed) uses warpgroup-sized tiles, with _bwd_grads split in three kernels (its one-kernel form
-    # needs 278 KB of shared memory) and its own warp defaults (CHUNK64_WARPS); fp32 inputs are slow there
-    # (exact fp32 products on 64 x 64 tiles spill heavily).
+    # as slow (32.5 vs 15.6 ms at 8x4096x64 on an H200). 64 (experimental: exact on the GPU too, but 2.4x
+    # slower, 37.5 vs 15.4 ms there: the 64 x 64 WY inverse by repeated squaring costs 20 ms, and the state
+    # passes are no faster) uses warpgroup-sized tiles, with _bwd_grads split in three kernels (its one-kernel
+    # form needs 278 KB of shared memory) and its own warp defaults (CHUNK64_WARPS); fp32 inputs are slow
+    # there (exact fp32 products on 64 x 64 tiles spill heavily).
     "chunk_len": 16,
     "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
     # The products that must stay fp32-exact (the WY inverse, the group scan): "ieee" (FMA loops),
@@ -87,12 +88,19 @@ CONFIG = {
     # programs share an SM with 4 warps (8 warps use every register of an SM anyway).
     "state_stages": 3,
     "chunk_warps": 1,  # the per-chunk parallel kernels (_prep, _fwd_out)
-    "grad_warps": 4,
+    # _bwd_grads: 2 warps (696 B of spills, but four programs per SM instead of two: 7.18 -> 5.78 ms at
+    # 8x4096x64 on an H200, docs/benchmarks.md session 6); 4 was the H100 sweep's choice, 1 spills 3.5 KB.
+    "grad_warps": 2,
     # _bwd_grads works through the [64, 64] state and its gradient in blocks of grad_bv value rows. 64
     # (one block; v, dy loaded late) cut its spills from 348 to 196 B under Triton 3.6 and its time from
     # 7.37 to 7.10 ms at 8x4096x64 on an H100; 32 keeps more accumulators live across the loop and
     # spills 1.6 KB (39.5 ms in all, against 13.9).
     "grad_bv": 64,
+    # _bwd_grads as one kernel (1) or three (3: _bwd_grads_u, _bwd_grads_s, _bwd_grads_wy, fp32 per-chunk terms
+    # through HBM, fewer registers each); "auto": 3 at 64-token chunks (where one kernel needs 278 KB of shared
+    # memory and is refused), 1 otherwise. At 16-token chunks three kernels are slower: 20.5 vs 15.4 ms at
+    # 8x4096x64 on an H200 (with 4 grad warps).
+    "grad_kernels": "auto",
     "scan_bv": 32,  # the group scan of the two-level pass (a 64x64 fp32 product per group)
     "scan_warps": 4,
     "fuse_out": False,  # compute y inside the forward state pass (else a separate parallel kernel)
@@ -672,7 +680,7 @@ def _bwd_grads_wy_kernel(
 
 
 # Launch defaults for 64-token chunks (compiled for sm_90 with bf16 inputs, Triton 3.6: every kernel fits the
-# shared memory, spills <= 0.5 KB; not yet timed or run on a GPU).
+# shared memory, spills <= 0.5 KB; timed on an H200 in docs/benchmarks.md, session 6).
 CHUNK64_WARPS = {"chunk_warps": 4, "state_warps": 8, "grad_warps": 8}
 
 _CHOICES = {
@@ -703,6 +711,8 @@ def resolve_config(options=None) -> dict:
                 cfg[key] = val
         if cfg["fuse_out"]:
             raise ValueError("wkv7 chunk option fuse_out is not supported with chunk_len 64 (262 KB of shared memory)")
+        if cfg["grad_kernels"] == 1:
+            raise ValueError("wkv7 chunk option grad_kernels 1 is not supported with chunk_len 64 (278 KB of shared memory)")
     for key, allowed in _CHOICES.items():
         val = cfg[key]
         if type(val) is not type(allowed[0]) or val not in allowed:  # 32.0 or True are not 32 or 1 here
@@ -716,6 +726,10 @@ def resolve_config(options=None) -> dict:
             raise ValueError(f"wkv7 chunk option {key} must be an integer >= {low}{why}, got {val!r}")
         if key.endswith("_warps") and val & (val - 1):
             raise ValueError(f"wkv7 chunk option {key} must be a power of two, got {val}")
+    if cfg["grad_kernels"] not in ("auto", 1, 3) or isinstance(cfg["grad_kernels"], bool):
+        raise ValueError(f"wkv7 chunk option grad_kernels must be 'auto', 1 or 3, got {cfg['grad_kernels']!r}")
+    if cfg["grad_kernels"] == "auto":
+        cfg["grad_kernels"] = 3 if cfg["chunk_len"] == 64 else 1
     gc = cfg["group_chunks"]
     if gc != "auto" and (isinstance(gc, bool) or not isinstance(gc, int) or gc < 0):
         raise ValueError(f"wkv7 chunk option group_chunks must be 'auto' or an integer >= 0, got {gc!r}")
@@ -943,7 +957,7 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
         _state_pass(r, w, k, v, b, None, Wbuf, Qbuf, initial_state, None, states, plan, fuse=False)
     elif plan.ckpt is not None:
         states = _restore_states(r, w, k, v, b, Wbuf, Qbuf, states, plan)
-    split = BT == 64  # one-kernel _bwd_grads needs more shared memory than a GPU has at 64-token chunks
+    split = plan.cfg["grad_kernels"] == 3  # (one kernel needs more shared memory than a GPU has at 64-token chunks)
     if not split:
         del Qbuf
     dstates = torch.empty_like(states)
