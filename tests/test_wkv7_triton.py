@@ -157,6 +157,9 @@ def test_chunk_matches_float64(B, T, H, state, cu, final):
         pytest.param({"grad_bv": 16}, id="grad-bv16"),
         pytest.param({"grad_bv": 32, "chunk_len": 32}, id="grad-bv32-chunk32"),
         pytest.param({"grad_kernels": 3}, id="chunk16-split-grads"),
+        pytest.param({"state_step": "affine"}, id="affine-step"),
+        pytest.param({"state_step": "affine", "group_chunks": 2, "checkpoint_chunks": 3}, id="affine-step-grouped-checkpoints3"),
+        pytest.param({"state_step": "affine", "chunk_len": 64, "checkpoint_chunks": 1}, id="affine-step-chunk64-every-chunk"),
         pytest.param({"chunk_len": 64}, id="chunk64-split-grads"),
         pytest.param({"chunk_len": 64, "checkpoint_chunks": 1, "group_chunks": 1}, id="chunk64-every-chunk-grouped"),
         pytest.param({"chunk_len": 64, "state_warps": 4, "state_stages": 1, "checkpoint_chunks": 2},
@@ -168,6 +171,35 @@ def test_chunk_configs(cfg, B, T, H, cu):
     """Two-level scan over groups of chunks (used when sequences x heads are few), y fused into the state pass,
     states saved for backward at other checkpoint intervals (restored from several checkpoints per sequence)."""
     check(functools.partial(chunk_wkv7, config=cfg), B, T, H, True, cu, True)
+
+
+def test_affine_step_reaches_every_state_launch(monkeypatch):
+    """The direct step is a correct fallback, so the float64 checks alone cannot tell whether state_step reached a
+    launch: every sequential-pass launch (grouped forward and backward, the recompute from checkpoints) must get it."""
+    from rwkvx_kernels.wkv7 import chunk
+
+    seen = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(chunk, name)
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def call(*args, **kwargs):
+                seen.append((self.name, kwargs.get("AFFINE")))
+                return launch(*args, **kwargs)
+
+            return call
+
+    for name in ("_fwd_state_kernel", "_bwd_state_kernel"):
+        monkeypatch.setattr(chunk, name, Spy(name))
+    cfg = {"state_step": "affine", "group_chunks": 2, "checkpoint_chunks": 3}
+    check(functools.partial(chunk_wkv7, config=cfg), 1, 90, 1, True, [0, 5, 75, 75, 90], True)
+    # forward: augmented group walk + walk; backward: restore from checkpoints, augmented group walk + walk
+    assert [n for n, _ in seen] == ["_fwd_state_kernel"] * 3 + ["_bwd_state_kernel"] * 2, seen
+    assert all(affine is True for _, affine in seen), seen
 
 
 @pytest.mark.parametrize(
@@ -253,24 +285,30 @@ def test_dispatch_uses_triton():
 # ---------------------------------------------------------------- GPU (lead runs these on a CUDA box)
 
 
+GPU_FNS = pytest.mark.parametrize(
+    "fn", [chunk_wkv7, functools.partial(chunk_wkv7, config={"state_step": "affine"}),
+           functools.partial(chunk_wkv7, config={"state_step": "affine", "group_chunks": 8}), fused_recurrent_wkv7],
+    ids=["chunk", "chunk-affine-step", "chunk-affine-step-grouped", "fused_recurrent"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("fn", [chunk_wkv7, fused_recurrent_wkv7], ids=["chunk", "fused_recurrent"])
-def test_gpu_bf16_accuracy(fn):
+@GPU_FNS
+def test_gpu_bf16_accuracy(fn, request):
     B, T, H = 2, 1024, 4
     xs, h0 = make_inputs(B, T, H, seed=3, dtype=torch.bfloat16, device="cuda", state=True)
     y, ht, grads = run_and_grads(fn, xs, h0, None, True)
     y64, ht64, grads64 = run_and_grads(wkv7_naive, xs, h0, None, True, to64=True)
     errs = {"y": rel(y, y64), "ht": rel(ht, ht64)}
     errs.update({"d" + n: rel(g, g64) for n, g, g64 in zip(NAMES, grads, grads64)})
-    print(fn.__name__, errs)
+    print(request.node.callspec.id, errs)
     assert errs["y"] < 5e-3 and errs["ht"] < 5e-3, errs
     assert all(errs["d" + n] < 2e-2 for n in NAMES), errs
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("fn", [chunk_wkv7, fused_recurrent_wkv7], ids=["chunk", "fused_recurrent"])
+@GPU_FNS
 def test_gpu_long_sequence_finite(fn):
     xs, h0 = make_inputs(1, 65536, 2, seed=4, dtype=torch.bfloat16, device="cuda")
     y, ht, grads = run_and_grads(fn, xs, None, None, True)
@@ -282,9 +320,10 @@ def test_gpu_long_sequence_finite(fn):
     "cfg",
     [{"chunk_len": 128}, {"grad_bv": 48}, {"checkpoint_chunks": -1}, {"dot_precision": "fp8"},
      {"group_chunks": "some"}, {"save_wy": 1}, {"state_warps": 0}, {"grad_warps": 3}, {"state_bv": 32.0},
-     {"state_stages": 0}, {"grad_kernels": 2}, {"chunk_size": 16}],
+     {"state_stages": 0}, {"grad_kernels": 2}, {"grad_kernels": 3.0}, {"state_step": "fast"}, {"chunk_size": 16}],
     ids=["chunk_len", "grad_bv", "checkpoint_chunks", "dot_precision", "group_chunks", "save_wy", "state_warps",
-         "grad_warps", "state_bv-float", "state_stages", "grad_kernels", "unknown-key"],
+         "grad_warps", "state_bv-float", "state_stages", "grad_kernels", "grad_kernels-float", "state_step",
+         "unknown-key"],
 )
 def test_chunk_rejects_bad_config(cfg):
     """A bad or unknown option is refused with its name (and value), before any kernel runs, by the kernel and by
@@ -343,3 +382,5 @@ def test_chunk64_launch_defaults_and_limits():
     with pytest.raises(ValueError, match="grad_kernels 1.*chunk_len 64"):
         resolve_config({"chunk_len": 64, "grad_kernels": 1})
     assert resolve_config({"chunk_len": 64})["grad_kernels"] == 3 and resolve_config({})["grad_kernels"] == 1
+    with pytest.raises(ValueError, match="fuse_out.*affine"):
+        resolve_config({"state_step": "affine", "fuse_out": True})

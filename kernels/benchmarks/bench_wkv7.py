@@ -136,6 +136,7 @@ def sweep(xs, iters):
         "chunk_warps": [2, 4, 8],
         "grad_warps": [2, 4, 8],
         "grad_kernels": [1, 3],
+        "state_step": ["direct", "affine"],
         "dot_precision": ["tf32", "ieee", "bf16"],
         "exact_precision": ["ieee", "tf32x3"],
     }
@@ -208,13 +209,15 @@ def compile_only(arch=90):
             for aug, grouped, fuse, store in [(False, False, True, True), (False, False, False, True),
                                               (True, True, False, False), (False, True, True, True),
                                               (False, False, True, False)]:
-                c = dict(H=H, N=N, BT=16, BV=bv, USE_H0=True, STORE_HT=not grouped, STORE_STATES=store,
-                         FUSE_OUT=fuse, GROUPED=grouped, AUG=aug, IS_VARLEN=varlen, PREC="tf32")
-                build(C._fwd_state_kernel, t, c, sw,
-                      f"fwd_state aug={aug} grouped={grouped} fuse={fuse} store={store} {sd} varlen={varlen}")
-                c = dict(H=H, N=N, BT=16, BV=bv, USE_DHT=True, STORE_DH0=not grouped, GROUPED=grouped, AUG=aug,
-                         IS_VARLEN=varlen, PREC="tf32")
-                build(C._bwd_state_kernel, t, c, sw, f"bwd_state aug={aug} grouped={grouped} {sd} varlen={varlen}")
+                for affine in (False, True) if not fuse else (False,):
+                    c = dict(H=H, N=N, BT=16, BV=bv, USE_H0=True, STORE_HT=not grouped, STORE_STATES=store,
+                             FUSE_OUT=fuse, GROUPED=grouped, AUG=aug, IS_VARLEN=varlen, PREC="tf32", AFFINE=affine)
+                    build(C._fwd_state_kernel, t, c, sw, f"fwd_state aug={aug} grouped={grouped} fuse={fuse} "
+                          f"store={store} affine={affine} {sd} varlen={varlen}")
+                    c = dict(H=H, N=N, BT=16, BV=bv, USE_DHT=True, STORE_DH0=not grouped, GROUPED=grouped, AUG=aug,
+                             IS_VARLEN=varlen, PREC="tf32", AFFINE=affine)
+                    build(C._bwd_state_kernel, t, c, sw,
+                          f"bwd_state aug={aug} grouped={grouped} affine={affine} {sd} varlen={varlen}")
             c = dict(H=H, N=N, BT=16, IS_VARLEN=varlen, PREC="tf32")
             build(C._fwd_out_kernel, t, c, cw, f"fwd_out {sd} varlen={varlen}")
         for rev in (False, True):
@@ -223,6 +226,7 @@ def compile_only(arch=90):
                          IS_VARLEN=varlen, EXACT=exact)
                 build(C._scan_kernel, base, c, cfg["scan_warps"], f"scan reverse={rev} {exact} varlen={varlen}")
         # 64-token chunks (experimental), bf16 states, their own warp defaults; the three split gradient kernels
+        # (also at 16-token chunks, with grad_kernels 3)
         t = {**base, "states": "*bf16", "dstates": "*bf16",
              **dict.fromkeys(["DW", "DQ", "DBH", "DKH", "DGP", "DGC", "UBUF"], f32)}
         w64 = {**cfg, **C.CHUNK64_WARPS}
@@ -233,13 +237,20 @@ def compile_only(arch=90):
         build(C._fwd_out_kernel, t, c, w64["chunk_warps"], f"chunk64 fwd_out varlen={varlen}")
         build(C._bwd_grads_u_kernel, t, c, w64["grad_warps"], f"chunk64 bwd_grads_u varlen={varlen}")
         build(C._bwd_grads_s_kernel, t, c, w64["grad_warps"], f"chunk64 bwd_grads_s varlen={varlen}")
-        for aug, grouped in [(False, False), (True, True), (False, True)]:
+        for aug, grouped, affine in [(False, False, False), (True, True, False), (False, True, False),
+                                     (False, False, True), (True, True, True)]:
+            tag = f"aug={aug} grouped={grouped} affine={affine} varlen={varlen}"
             c = dict(H=H, N=N, BT=64, BV=bv, USE_H0=True, STORE_HT=not grouped, STORE_STATES=not aug, FUSE_OUT=False,
-                     GROUPED=grouped, AUG=aug, IS_VARLEN=varlen, PREC="tf32")
-            build(C._fwd_state_kernel, t, c, w64["state_warps"], f"chunk64 fwd_state aug={aug} grouped={grouped} varlen={varlen}")
+                     GROUPED=grouped, AUG=aug, IS_VARLEN=varlen, PREC="tf32", AFFINE=affine)
+            build(C._fwd_state_kernel, t, c, w64["state_warps"], f"chunk64 fwd_state {tag}")
             c = dict(H=H, N=N, BT=64, BV=bv, USE_DHT=True, STORE_DH0=not grouped, GROUPED=grouped, AUG=aug,
-                     IS_VARLEN=varlen, PREC="tf32")
-            build(C._bwd_state_kernel, t, c, w64["state_warps"], f"chunk64 bwd_state aug={aug} grouped={grouped} varlen={varlen}")
+                     IS_VARLEN=varlen, PREC="tf32", AFFINE=affine)
+            build(C._bwd_state_kernel, t, c, w64["state_warps"], f"chunk64 bwd_state {tag}")
+        # grad_kernels 3 at 16-token chunks (the default warps)
+        c = dict(H=H, N=N, BT=16, IS_VARLEN=varlen, PREC="tf32")
+        build(C._bwd_grads_u_kernel, t, c, gw, f"chunk16 bwd_grads_u varlen={varlen}")
+        build(C._bwd_grads_s_kernel, t, c, gw, f"chunk16 bwd_grads_s varlen={varlen}")
+        build(C._bwd_grads_wy_kernel, t, {**c, "LOG2_BT": 4, "EXACT": "tf32x3"}, gw, f"chunk16 bwd_grads_wy varlen={varlen}")
         t = {**base, "ckpt": f32, "scratch": f32, **dict.fromkeys(["dr", "dw", "dk", "da", "db"], f32)}
         c = dict(H=H, N=N, BV=16, SEG=16, USE_H0=True, STORE_HT=True, IS_VARLEN=varlen)
         build(F._wkv7_fwd_kernel, t, c, 2, f"fused_recurrent fwd varlen={varlen}")

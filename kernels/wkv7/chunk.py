@@ -70,8 +70,8 @@ CONFIG = {
     # tokens per chunk, BT: 16, 32 or 64 (needs w >= about -88 / BT). 32 halves the sequential steps and the
     # saved states but its tiles spill (Triton 3.6: _bwd_grads 756 B even with 8 warps) and it is twice
     # as slow (32.5 vs 15.6 ms at 8x4096x64 on an H200). 64 (experimental: exact on the GPU too, but 2.4x
-    # slower, 37.5 vs 15.4 ms there: the 64 x 64 WY inverse by repeated squaring costs 20 ms, and the state
-    # passes are no faster) uses warpgroup-sized tiles, with _bwd_grads split in three kernels (its one-kernel
+    # slower, 37.5 vs 15.4 ms there: _prep and _bwd_grads_wy, which form the 64 x 64 WY inverse by repeated
+    # squaring, cost 20 ms, and the state passes are no faster) uses warpgroup-sized tiles, with _bwd_grads split in three kernels (its one-kernel
     # form needs 278 KB of shared memory) and its own warp defaults (CHUNK64_WARPS); fp32 inputs are slow
     # there (exact fp32 products on 64 x 64 tiles spill heavily).
     "chunk_len": 16,
@@ -87,9 +87,16 @@ CONFIG = {
     # they set the shared memory: 65 / 131 / 201 KB for 1 / 2 / 3 (compile-only, sm_90), i.e. how many
     # programs share an SM with 4 warps (8 warps use every register of an SM anyway).
     "state_stages": 3,
+    # How a sequential pass steps the state over a chunk. "direct": U = W S^T + Q V, then S <- S e^{gC} +
+    # U^T be + V^T ke (two dependent products and a transpose per chunk). "affine" (untimed): the same
+    # step as S <- S e^{gC} + S P + V^T Z with P [64, 64] and Z formed from the chunk's inputs alone, so
+    # only S P waits on the previous chunk (more products per step, a shorter dependent chain); likewise
+    # backward. Cannot fuse the output (fuse_out needs U).
+    "state_step": "direct",
     "chunk_warps": 1,  # the per-chunk parallel kernels (_prep, _fwd_out)
-    # _bwd_grads: 2 warps (696 B of spills, but four programs per SM instead of two: 7.18 -> 5.78 ms at
-    # 8x4096x64 on an H200, docs/benchmarks.md session 6); 4 was the H100 sweep's choice, 1 spills 3.5 KB.
+    # _bwd_grads: 2 warps. They spill 696 B, but by registers and shared memory four programs fit an SM
+    # instead of two (not checked with ncu): 7.18 -> 5.78 ms at 8x4096x64 on an H200 (docs/benchmarks.md,
+    # session 6). 4 was the H100 sweep's choice; 1 spills 3.5 KB.
     "grad_warps": 2,
     # _bwd_grads works through the [64, 64] state and its gradient in blocks of grad_bv value rows. 64
     # (one block; v, dy loaded late) cut its spills from 348 to 196 B under Triton 3.6 and its time from
@@ -291,6 +298,7 @@ def _fwd_state_kernel(
     H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, FUSE_OUT: tl.constexpr,
     GROUPED: tl.constexpr, AUG: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    AFFINE: tl.constexpr = False,
 ):
     """Walk the chunks of group i_g (all chunks when not GROUPED) carrying a [BV, N] block of rows of S.
 
@@ -324,18 +332,28 @@ def _fwd_state_kernel(
         gC = tl.sum(w_c, axis=0)
         eGi = tl.exp(-G)
         eGC = tl.exp(gC)
-        ST = tl.trans(S)
-        U = _dot(Wm, ST, PREC) + _dot(Qm, v_c, PREC)  # [BT, BV]
-        if FUSE_OUT:
-            rt = _load_rows(r, t0, eos, i_h, o_k, H, N, BT) * tl.exp(G)
-            Arb = tl.where(lower, _dot(rt, tl.trans(b_c * eGi), PREC), 0.0)
-            Ark = tl.where(lower, _dot(rt, tl.trans(k_c * eGi), PREC), 0.0)
-            Y = _dot(rt, ST, PREC) + _dot(Arb, U, PREC) \
-                + _dot(Ark, v_c, PREC)
-            tl.store(y + (rows[:, None] * H + i_h) * N + o_v[None, :], Y.to(y.dtype.element_ty), mask=rmask[:, None])
         e = eGi * eGC[None, :]
-        S = S * eGC[None, :] + _dot(tl.trans(U), b_c * e, PREC) \
-            + _dot(tl.trans(v_c), k_c * e, PREC)
+        if AFFINE:
+            # U^T = S W^T + V^T Q^T folded into the step: S <- S e^{gC} + S (W^T be) + V^T (Q^T be + ke),
+            # where be = b e^{gC-G}, ke = k e^{gC-G}. Both factors are independent of S, so the walk's
+            # dependent chain is one [BV, N] x [N, N] product instead of two products and a transpose.
+            be = b_c * e
+            P = _dot(tl.trans(Wm), be, PREC)  # [N, N]
+            Z = _dot(tl.trans(Qm), be, PREC) + k_c * e  # [BT, N]
+            S = S * eGC[None, :] + _dot(S, P, PREC) + _dot(tl.trans(v_c), Z, PREC)
+        else:
+            ST = tl.trans(S)
+            U = _dot(Wm, ST, PREC) + _dot(Qm, v_c, PREC)  # [BT, BV]
+            if FUSE_OUT:
+                rt = _load_rows(r, t0, eos, i_h, o_k, H, N, BT) * tl.exp(G)
+                Arb = tl.where(lower, _dot(rt, tl.trans(b_c * eGi), PREC), 0.0)
+                Ark = tl.where(lower, _dot(rt, tl.trans(k_c * eGi), PREC), 0.0)
+                Y = _dot(rt, ST, PREC) + _dot(Arb, U, PREC) \
+                    + _dot(Ark, v_c, PREC)
+                tl.store(y + (rows[:, None] * H + i_h) * N + o_v[None, :], Y.to(y.dtype.element_ty),
+                         mask=rmask[:, None])
+            S = S * eGC[None, :] + _dot(tl.trans(U), b_c * e, PREC) \
+                + _dot(tl.trans(v_c), k_c * e, PREC)
     if AUG:
         tl.store(Xbuf + gbase * 2 * N * N + o_s, S, mask=active)
     if STORE_HT:
@@ -421,7 +439,7 @@ def _bwd_state_kernel(
     cu_seqlens, chunk_offsets, group_offsets, T, NT, NG, GC,
     H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, GROUPED: tl.constexpr, AUG: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, AFFINE: tl.constexpr = False,
 ):
     """Reverse walk over the chunks of group i_g: dstates[chunk] = dL/dS at the chunk's end (from the
     future); per chunk  dS_0 = dS_end (diag(e^{gC}) + bb^T W) + (Arb^T dY)^T W + dY^T rt.
@@ -453,10 +471,16 @@ def _bwd_state_kernel(
         rt = r_c * tl.exp(G)
         bh = b_c * tl.exp(-G)
         Arb = tl.where(lower, _dot(rt, tl.trans(bh), PREC), 0.0)
-        dU = _dot(tl.trans(Arb), dy_c, PREC) \
-            + _dot(bh * eGC[None, :], tl.trans(dS), PREC)
-        dS = dS * eGC[None, :] + _dot(tl.trans(dy_c), rt, PREC) \
-            + _dot(tl.trans(dU), Wm, PREC)
+        if AFFINE:
+            # dU^T = dY^T Arb + dS (bh e^{gC})^T folded in: dS <- dS e^{gC} + dS ((bh e^{gC})^T W) + dY^T (rt + Arb W)
+            P = _dot(tl.trans(bh * eGC[None, :]), Wm, PREC)  # [N, N]
+            Z = rt + _dot(Arb, Wm, PREC)  # [BT, N]
+            dS = dS * eGC[None, :] + _dot(dS, P, PREC) + _dot(tl.trans(dy_c), Z, PREC)
+        else:
+            dU = _dot(tl.trans(Arb), dy_c, PREC) \
+                + _dot(bh * eGC[None, :], tl.trans(dS), PREC)
+            dS = dS * eGC[None, :] + _dot(tl.trans(dy_c), rt, PREC) \
+                + _dot(tl.trans(dU), Wm, PREC)
     if AUG:
         tl.store(Xbuf + gbase * 2 * N * N + o_s, dS, mask=active)
     if STORE_DH0:
@@ -691,6 +715,7 @@ _CHOICES = {
     "state_bv": (16, 32, 64),
     "scan_bv": (16, 32, 64),
     "state_dtype": ("auto", "fp32", "bf16"),
+    "state_step": ("direct", "affine"),
 }
 
 
@@ -705,6 +730,9 @@ def resolve_config(options=None) -> dict:
         if unknown:
             raise ValueError(f"unknown wkv7 chunk kernel option(s) {unknown}; known: {sorted(CONFIG)}")
         cfg.update(options)
+    gk = cfg["grad_kernels"]
+    if not (gk == "auto" or (type(gk) is int and gk in (1, 3))):  # 3.0 or True are not 3 or 1 here
+        raise ValueError(f"wkv7 chunk option grad_kernels must be 'auto', 1 or 3, got {gk!r}")
     if cfg["chunk_len"] == 64:  # 64-row tiles: warpgroup products need 4+ warps (unless set explicitly)
         for key, val in CHUNK64_WARPS.items():
             if key not in (options or {}) and cfg[key] == CONFIG[key]:
@@ -726,16 +754,16 @@ def resolve_config(options=None) -> dict:
             raise ValueError(f"wkv7 chunk option {key} must be an integer >= {low}{why}, got {val!r}")
         if key.endswith("_warps") and val & (val - 1):
             raise ValueError(f"wkv7 chunk option {key} must be a power of two, got {val}")
-    if cfg["grad_kernels"] not in ("auto", 1, 3) or isinstance(cfg["grad_kernels"], bool):
-        raise ValueError(f"wkv7 chunk option grad_kernels must be 'auto', 1 or 3, got {cfg['grad_kernels']!r}")
     if cfg["grad_kernels"] == "auto":
         cfg["grad_kernels"] = 3 if cfg["chunk_len"] == 64 else 1
-    gc = cfg["group_chunks"]
-    if gc != "auto" and (isinstance(gc, bool) or not isinstance(gc, int) or gc < 0):
-        raise ValueError(f"wkv7 chunk option group_chunks must be 'auto' or an integer >= 0, got {gc!r}")
     for key in ("fuse_out", "save_wy"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"wkv7 chunk option {key} must be true or false, got {cfg[key]!r}")
+    if cfg["state_step"] == "affine" and cfg["fuse_out"]:
+        raise ValueError("wkv7 chunk option fuse_out is not supported with state_step 'affine' (the fused output needs U)")
+    gc = cfg["group_chunks"]
+    if gc != "auto" and (isinstance(gc, bool) or not isinstance(gc, int) or gc < 0):
+        raise ValueError(f"wkv7 chunk option group_chunks must be 'auto' or an integer >= 0, got {gc!r}")
     return cfg
 
 
@@ -901,7 +929,8 @@ def _state_pass(r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, plan, f
     state -> `ht` (if given), y too with `fuse`; a two-level scan over groups when the plan has them."""
     H, N, bv = plan.H, plan.N, plan.bv
     common = dict(H=H, N=N, BT=plan.bt, BV=bv, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg),
-                  num_warps=plan.cfg["state_warps"], num_stages=plan.cfg["state_stages"])
+                  AFFINE=plan.cfg["state_step"] == "affine", num_warps=plan.cfg["state_warps"],
+                  num_stages=plan.cfg["state_stages"])
     gstates = Xbuf = None
     ngrid = plan.groups.max_groups if plan.grouped else 1
     if plan.grouped:
@@ -939,8 +968,8 @@ def _restore_states(r, w, k, v, b, Wbuf, Qbuf, ckpt, plan):
     _fwd_state_kernel[(N // bv, plan.NS * H, plan.ckpt.max_groups)](
         r, w, k, v, b, None, Wbuf, Qbuf, None, None, states, ckpt, None, *plan.seq_args(plan.ckpt),
         H=H, N=N, BT=BT, BV=bv, USE_H0=False, STORE_HT=False, STORE_STATES=True, FUSE_OUT=False, GROUPED=True,
-        AUG=False, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg), num_warps=plan.cfg["state_warps"],
-        num_stages=plan.cfg["state_stages"],
+        AUG=False, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg), AFFINE=plan.cfg["state_step"] == "affine",
+        num_warps=plan.cfg["state_warps"], num_stages=plan.cfg["state_stages"],
     )
     return states
 
@@ -962,8 +991,8 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
         del Qbuf
     dstates = torch.empty_like(states)
     dh0 = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if need_dh0 else None
-    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, num_warps=plan.cfg["state_warps"],
-                  num_stages=plan.cfg["state_stages"])
+    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, AFFINE=plan.cfg["state_step"] == "affine",
+                  num_warps=plan.cfg["state_warps"], num_stages=plan.cfg["state_stages"])
     gdstates = Xbuf = None
     ngrid = plan.groups.max_groups if plan.grouped else 1
     if plan.grouped:
@@ -991,7 +1020,7 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
 
 
 def _bwd_grads_in_three(r, w, k, v, a, b, dy, states, dstates, Wbuf, Qbuf, grads, plan):
-    """`_bwd_grads` for 64-token chunks as three kernels (module docstring), fp32 terms between them."""
+    """`_bwd_grads` as three kernels (64-token chunks, or grad_kernels 3; module docstring), fp32 terms between them."""
     BT, H, N, T = plan.bt, plan.H, plan.N, plan.T
     dr, dw, dk, dv, da, db = grads
     prec = _prec(r, plan.cfg)
