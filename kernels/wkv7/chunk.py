@@ -38,8 +38,9 @@ Kernels (grid):
                 end -> HBM, dh0
             _bwd_grads (chunks x H)           dr, dw, dk, dv, da, db (recomputes M and U per chunk);
                 at 64-token chunks (one would not fit shared memory) or with grad_kernels 3, three kernels
-                instead, passing fp32 per-chunk terms through HBM: _bwd_grads_u (U, dU -> dv, dW, dQ), _bwd_grads_s (Arb, Ark,
-                rt, bh, kh terms -> dr), _bwd_grads_wy (back through the WY inverse -> dw, dk, da, db)
+                instead, passing fp32 per-chunk terms through HBM: _bwd_grads_u (U, dU -> dv, dW, dQ),
+                _bwd_grads_s (Arb, Ark, rt, bh, kh terms -> dr), _bwd_grads_wy (back through the WY inverse
+                -> dw, dk, da, db)
   When sequences x heads are too few to fill the GPU (long single sequences), the sequential
   passes become a two-level scan: groups of chunks are walked in parallel from state 0 and from
   the identity (rows N..2N of an "augmented" state) to get each group's affine map S -> S P + X,
@@ -71,9 +72,9 @@ CONFIG = {
     # saved states but its tiles spill (Triton 3.6: _bwd_grads 756 B even with 8 warps) and it is twice
     # as slow (32.5 vs 15.6 ms at 8x4096x64 on an H200). 64 (experimental: exact on the GPU too, but 2.4x
     # slower, 37.5 vs 15.4 ms there: _prep and _bwd_grads_wy, which form the 64 x 64 WY inverse by repeated
-    # squaring, cost 20 ms, and the state passes are no faster) uses warpgroup-sized tiles, with _bwd_grads split in three kernels (its one-kernel
-    # form needs 278 KB of shared memory) and its own warp defaults (CHUNK64_WARPS); fp32 inputs are slow
-    # there (exact fp32 products on 64 x 64 tiles spill heavily).
+    # squaring, cost 20 ms, and the state passes are no faster) uses warpgroup-sized tiles, with _bwd_grads
+    # split in three kernels (its one-kernel form needs 278 KB of shared memory) and its own warp defaults
+    # (CHUNK64_WARPS); fp32 inputs are slow there (exact fp32 products on 64 x 64 tiles spill heavily).
     "chunk_len": 16,
     "dot_precision": "auto",  # auto: ieee for fp32 inputs, else tf32
     # The products that must stay fp32-exact (the WY inverse, the group scan): "ieee" (FMA loops),
@@ -845,6 +846,7 @@ class _Plan:
         ck = int(cfg["checkpoint_chunks"])
         self.ckpt = self.grouping(ck) if ck > 1 and self.total else None
         self.save_states = ck != 0  # else backward recomputes them all from the initial state
+        self.affine = cfg["state_step"] == "affine"  # the sequential passes' step form (AFFINE of their kernels)
 
     def grouping(self, gc):
         return _Grouping(self.n, self.NT, gc, self.is_varlen, self.device)
@@ -929,8 +931,7 @@ def _state_pass(r, w, k, v, b, y, Wbuf, Qbuf, initial_state, ht, states, plan, f
     state -> `ht` (if given), y too with `fuse`; a two-level scan over groups when the plan has them."""
     H, N, bv = plan.H, plan.N, plan.bv
     common = dict(H=H, N=N, BT=plan.bt, BV=bv, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg),
-                  AFFINE=plan.cfg["state_step"] == "affine", num_warps=plan.cfg["state_warps"],
-                  num_stages=plan.cfg["state_stages"])
+                  AFFINE=plan.affine, num_warps=plan.cfg["state_warps"], num_stages=plan.cfg["state_stages"])
     gstates = Xbuf = None
     ngrid = plan.groups.max_groups if plan.grouped else 1
     if plan.grouped:
@@ -968,7 +969,7 @@ def _restore_states(r, w, k, v, b, Wbuf, Qbuf, ckpt, plan):
     _fwd_state_kernel[(N // bv, plan.NS * H, plan.ckpt.max_groups)](
         r, w, k, v, b, None, Wbuf, Qbuf, None, None, states, ckpt, None, *plan.seq_args(plan.ckpt),
         H=H, N=N, BT=BT, BV=bv, USE_H0=False, STORE_HT=False, STORE_STATES=True, FUSE_OUT=False, GROUPED=True,
-        AUG=False, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg), AFFINE=plan.cfg["state_step"] == "affine",
+        AUG=False, IS_VARLEN=plan.is_varlen, PREC=_prec(r, plan.cfg), AFFINE=plan.affine,
         num_warps=plan.cfg["state_warps"], num_stages=plan.cfg["state_stages"],
     )
     return states
@@ -991,7 +992,7 @@ def chunk_wkv7_bwd(r, w, k, v, a, b, dy, dht, states, plan, need_dh0, wy=None, i
         del Qbuf
     dstates = torch.empty_like(states)
     dh0 = torch.empty(plan.NS, H, N, N, dtype=torch.float32, device=dev) if need_dh0 else None
-    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, AFFINE=plan.cfg["state_step"] == "affine",
+    common = dict(H=H, N=N, BT=BT, BV=bv, IS_VARLEN=plan.is_varlen, PREC=prec, AFFINE=plan.affine,
                   num_warps=plan.cfg["state_warps"], num_stages=plan.cfg["state_stages"])
     gdstates = Xbuf = None
     ngrid = plan.groups.max_groups if plan.grouped else 1
