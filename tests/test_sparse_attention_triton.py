@@ -77,6 +77,8 @@ def check_against_oracle(q, k, v, upstream, cu_seqlens=None, config=None, **size
         (1, 110, 2, 32, 12, 4, 4, {"past_bn": 8, "dkdv_bn": 8, "dkdv_bm": 8, "fwd_bm": 8, "dq_bn": 8}),
         (1, 120, 2, 16, 32, 3, 5, {"fwd_bm": 16, "fwd_bn": 8, "past_bm": 8, "dqp_bm": 8, "dq_bm": 8}),
         (2, 100, 2, 16, 8, 3, 6, {"dq_atomic": True}),  # dQ accumulated atomically by the dK/dV kernel
+        # three key blocks per chunk, each starting its walk over a long bucket at a different tile
+        (1, 200, 2, 16, 48, 3, 10, {"dq_atomic": True}),
         (1, 130, 2, 16, 8, 4, 7, {"dkdv_split": 8, "dq_atomic": True}),  # buckets split across programs
         (2, 96, 1, 16, 16, 3, 8, {"dkdv_split": 16}),
         (2, 100, 2, 16, 8, 3, 9, {"sel_prec": "ieee"}),  # exact fp32 chunk scores
@@ -171,6 +173,19 @@ def test_bad_selection_config_is_refused():
             chunk_selection_triton(q, q, 4, 2, config=bad)
         with pytest.raises(ValueError, match=key):
             sparse_attention(q, q, q, 4, 2, backend="naive", config=bad)
+
+
+def test_fp32_inputs_get_dkdv_tiles_that_fit_shared_memory():
+    """fp32 inputs on a GPU take smaller dK/dV tiles (the default ones need 264 KB of shared memory there and
+    fail to launch); options given by the user still win, and bf16 keeps the default tiles."""
+    from rwkvx_kernels.sparse_attention.triton_topk import CONFIG_GPU, CONFIG_GPU_FP32, resolve_config
+
+    fp32 = resolve_config(None, "cuda", torch.float32)
+    assert all(fp32[key] == val for key, val in CONFIG_GPU_FP32.items())
+    assert any(CONFIG_GPU[key] != val for key, val in CONFIG_GPU_FP32.items())
+    assert resolve_config({"dkdv_bn": 128}, "cuda", torch.float32)["dkdv_bn"] == 128
+    assert resolve_config(None, "cuda", torch.bfloat16) == resolve_config(None, "cuda")
+    assert resolve_config(None, "cuda")["dkdv_bn"] == CONFIG_GPU["dkdv_bn"]
 
 
 @needs_kernels

@@ -311,9 +311,9 @@ def fmt(x, spec=".2f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def compile_only(configs, topk=3, arch=90):
+def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
     """Compile every kernel for sm_<arch> at the default launch parameters updated by each of `configs`
-    (bf16, H=16, D=64, `topk`) and print registers and spills; no GPU needed."""
+    (inputs of `dtype`, H=16, D=64, `topk`) and print registers, spills and shared memory; no GPU needed."""
     from rwkvx_kernels.benchmarks.resources import Compiler
     from rwkvx_kernels.sparse_attention import triton_topk as S
 
@@ -321,14 +321,16 @@ def compile_only(configs, topk=3, arch=90):
     f32, i32 = "*fp32", "*i32"
     types = {"MEANS": f32, "OP": f32, "LSEP": f32, "LSE": f32, "DELTA": f32, "DQP": f32, "DQACC": f32,
              **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL"], i32),
-             **dict.fromkeys(["T", "H", "NC", "NKB", "BH"], "i32"), "scale": "fp32", "scale2": "fp32"}
+             **dict.fromkeys(["T", "H", "NC", "NKB", "BH"], "i32"), "scale": "fp32", "scale2": "fp32",
+             **dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"],
+                             {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype])}
     H, K1, D = 16, topk - 1, 64
     kp = max(2, 1 << (K1 - 1).bit_length())
     for i, cfg in enumerate(configs):
-        c = S.resolve_config(cfg)
+        c = S.resolve_config(cfg, dtype=getattr(torch, dtype))
         tag = f"[{i}] " if len(configs) > 1 else ""
         tiles = {p: {"BM": c.get(f"{p}_bm"), "BN": c.get(f"{p}_bn")} for p in ("past", "fwd", "dkdv", "dqp", "dq")}
-        dot = {"DOT_PREC": "tf32", "D": D, "BD": D}
+        dot = {"DOT_PREC": "ieee" if dtype == "float32" else "tf32", "D": D, "BD": D}
         kernels = [  # (name, kernel, config prefix, constexprs, warps, stages)
             ("means", S._chunk_means_kernel, "means", {"D": D, "BD": D, "BN": c["means_bn"]}, c["means_warps"], 3),
             ("select", S._select_kernel, "sel", {"D": D, "BD": D, "K1": K1, "KP": kp, "BM": c["sel_bm"],
@@ -339,6 +341,7 @@ def compile_only(configs, topk=3, arch=90):
              c["fwd_stages"]),
             ("delta", S._delta_kernel, "delta", {"D": D, "BD": D, "H": H, "BM": 64}, 4, 3),
             ("dkdv", S._bwd_dkdv_kernel, "dkdv", {**dot, "H": H, "K1": K1, "SPLIT": int(c["dkdv_split"]),
+                                                  "STAGGER": bool(c["dq_atomic"]),
                                                   "DQ_ATOMIC": bool(c["dq_atomic"]), **tiles["dkdv"]},
              c["dkdv_warps"], c["dkdv_stages"]),
             ("dq_past", S._bwd_dq_past_kernel, "dqp", {**dot, "K1": K1, **tiles["dqp"]}, c["dqp_warps"],
@@ -378,7 +381,7 @@ def main(argv=None):
                    help="no GPU: compile every kernel for sm_90 with each --configs entry, print registers/spills")
     args = p.parse_args(argv)
     if args.compile_only:
-        compile_only(args.configs)
+        compile_only(args.configs, dtype=args.dtype)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_sparse_attention needs CUDA")
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE

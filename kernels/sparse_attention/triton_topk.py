@@ -80,13 +80,18 @@ CONFIG_GPU = {
     # dQ: False = recomputed per query (dq_past + dq_own kernels, deterministic);
     # True = atomically accumulated by the dK/dV kernel into an fp32 buffer (5 instead of 7 matmuls per
     # pair, non-deterministic sums). H200, fwd+bwd ms, default / dq_atomic: 64K chunk 2048 topk 3
-    # 17.7 / 22.5, 256K 70.8 / 89.6; 64K chunk 128 topk 8 10.5 / 9.9 (9.5 with 64 x 64 tiles, 4 warps).
+    # 17.5 / 19.2 (22.4 before the key blocks' walks were staggered), 64K chunk 128 topk 8 10.6 / 10.1
+    # (9.9 with 64 x 64 tiles, 4 warps); docs/benchmarks.md, session 7.
     "dq_atomic": False,
     # dK/dV: 0 = one program per key block over the whole bucket of queries that selected its chunk;
     # N > 0 = buckets cut in segments of N queries, partial sums added atomically (fp32), which bounds
     # the longest program when many queries pick the same chunk.
     "dkdv_split": 0,
 }
+# fp32 inputs on a GPU (exact fp32 products, twice the bytes per tile): the default dK/dV tiles would need
+# 264 KB of shared memory (the H100/H200 limit is 227 KB) and fail to launch; these take 74 KB
+# (compile-only, Triton 3.6, head size 64: `bench_sparse_attention --compile-only --dtype float32`).
+CONFIG_GPU_FP32 = {"dkdv_bn": 64, "dkdv_bm": 32, "dkdv_warps": 4}
 # The CPU interpreter: the same keys with 16-row tiles, one warp, no pipelining (tiny test shapes).
 CONFIG_INTERPRET = {
     key: 16 if key.endswith(("_bm", "_bn", "_bg")) else 1 if key.endswith(("_warps", "_stages")) else val
@@ -353,15 +358,27 @@ def _delta_kernel(O, DO, DELTA, T, H: tl.constexpr, D: tl.constexpr, BD: tl.cons
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_hi, cols, scale, scale2, offs_d,
-                dmask, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                GATHER: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr):
+                dmask, rot_num, rot_den, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                GATHER: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, ROTATE: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key block over query rows r_lo..r_hi (tokens, or bucket entries); with
     DQ_ATOMIC also add the rows' dQ contributions into the fp32 buffer DQACC (FlashAttention-2 style).
 
+    ROTATE: the row tiles are visited from tile (n_tiles * rot_num) // rot_den on, wrapping around. With
+    atomic dQ the key blocks of one chunk walk the same bucket at the same time; starting them at
+    different tiles keeps them from adding into the same dQ rows at once.
+
     Tiles are [queries, keys] so that k and v stay right-hand operands (shared memory) for the whole
     loop and P, dS are transposed for the dV, dK products; with 128 x 128 tiles on two warpgroups this
-    was 8.0 ms against 9.0 ms for [keys, queries] tiles (k, v as left operands) at 64K tokens."""
+    was 8.0 ms against 9.0 ms for [keys, queries] tiles (k, v as left operands) at 64K tokens. [keys,
+    queries] tiles with k, v read from shared memory (no transposes at all) were slower again: 18.7 vs
+    17.4 ms fwd+bwd at their best tiles (docs/benchmarks.md, session 7)."""
+    n_tiles = tl.cdiv(r_hi - r_lo, BM)
+    shift = (n_tiles * rot_num) // rot_den if ROTATE else 0
     for r0 in range(r_lo, r_hi, BM):
+        if ROTATE:
+            tile = (r0 - r_lo) // BM + shift
+            r0 = r_lo + tl.where(tile >= n_tiles, tile - n_tiles, tile) * BM
         idx = r0 + tl.arange(0, BM)
         rmask = idx < r_hi
         if GATHER:
@@ -393,7 +410,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, PERM, DQACC, b, h, T, r_lo, r_h
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, OFFS, WB, WS, CH_START, CH_END, DQACC, T, NC, NKB, BH,
                      scale, scale2, H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     STAGGER: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK, dV of one block of BN keys of one chunk.
 
     SPLIT == 0: one program per (head, chunk, key block) owns the block: own-chunk queries plus the
@@ -449,13 +466,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, OFFS, WB, WS, CH_STA
         # Own-chunk queries: the diagonal rows (causal mask), then the rows below the block (all visible).
         diag_end = tl.minimum(kstart + BN, cend)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, kstart, diag_end, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, True, DQ_ATOMIC, DOT_PREC)
+                             scale, scale2, offs_d, dmask, 0, 1, H, K1, D, BM, False, True, DQ_ATOMIC, False, DOT_PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, diag_end, cend, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, False, False, DQ_ATOMIC, DOT_PREC)
+                             scale, scale2, offs_d, dmask, 0, 1, H, K1, D, BM, False, False, DQ_ATOMIC, False, DOT_PREC)
     if K1 > 0:
         # Queries of later chunks that selected this chunk.
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, lse_row, delta_row, PERM, DQACC, b, h, T, seg_lo, seg_hi, cols,
-                             scale, scale2, offs_d, dmask, H, K1, D, BM, True, False, DQ_ATOMIC, DOT_PREC)
+                             scale, scale2, offs_d, dmask, kb, NKB, H, K1, D, BM, True, False, DQ_ATOMIC, STAGGER,
+                             DOT_PREC)
     if SPLIT > 0:
         tl.atomic_add(DK + kv_off, dk * scale, mask=kvmask, sem="relaxed")
         tl.atomic_add(DV + kv_off, dv, mask=kvmask, sem="relaxed")
@@ -600,9 +618,11 @@ def _chunk_tables(T: int, chunk_size: int, bounds: tuple, device: torch.device):
     return _TABLE_CACHE[key]
 
 
-def _config(device: torch.device, config) -> dict:
+def _config(device: torch.device, config, dtype=None) -> dict:
     base = CONFIG_INTERPRET if device.type != "cuda" else CONFIG_GPU
     cfg = dict(base)
+    if device.type == "cuda" and dtype == torch.float32:
+        cfg.update(CONFIG_GPU_FP32)
     if config:
         unknown = set(config) - set(cfg)
         if unknown:
@@ -630,11 +650,11 @@ def _config(device: torch.device, config) -> dict:
     return cfg
 
 
-def resolve_config(options=None, device="cuda") -> dict:
-    """The launch parameters for `device` (CONFIG_GPU on CUDA, else CONFIG_INTERPRET) with `options` (some of
-    their keys) on top; ValueError naming an unknown key or a bad value (the model checks its
-    `attn_kernel` config with this at start-up)."""
-    return _config(torch.device(device), options)
+def resolve_config(options=None, device="cuda", dtype=None) -> dict:
+    """The launch parameters for `device` and input `dtype` (CONFIG_GPU on CUDA, with CONFIG_GPU_FP32 for fp32
+    inputs, else CONFIG_INTERPRET) with `options` (some of their keys) on top; ValueError naming an unknown
+    key or a bad value (the model checks its `attn_kernel` config with this at start-up)."""
+    return _config(torch.device(device), options, dtype)
 
 
 def _bounds(cu_seqlens, B: int, T: int) -> tuple:
@@ -761,7 +781,8 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         grid = (B * H * NC * nkb,)
     _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC, nkb,
                            B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"], BN=cfg["dkdv_bn"],
-                           SPLIT=split, DQ_ATOMIC=atomic, DOT_PREC=prec, num_warps=cfg["dkdv_warps"],
+                           SPLIT=split, DQ_ATOMIC=atomic, STAGGER=atomic and nkb > 1,
+                           DOT_PREC=prec, num_warps=cfg["dkdv_warps"],
                            num_stages=cfg["dkdv_stages"])
     if split > 0:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
@@ -825,7 +846,7 @@ def sparse_attention_triton(q, k, v, chunk_size: int, topk: int, cu_seqlens=None
     bounds = _bounds(cu_seqlens, B, T)
     if T == 0 or B * H == 0:
         return q.clone() + (k.sum() + v.sum()) * 0  # empty output that still carries a graph
-    cfg = _config(q.device, config)
+    cfg = _config(q.device, config, q.dtype)
     return _SparseAttentionFunction.apply(q, k, v, int(chunk_size), int(topk), bounds, cfg)
 
 
