@@ -167,12 +167,24 @@ def test_bad_selection_config_is_refused():
 
     q = torch.zeros(1, 8, 1, 16)
     for bad in ({"sel_bg": 24}, {"sel_bg": 8}, {"sel_prec": "tf32"}, {"dkdv_bm": 48}, {"past_warps": 3},
-                {"dq_stages": 0}, {"dq_atomic": "yes"}, {"dkdv_split": -1}, {"dkdv_tile": 64}):
+                {"dq_stages": 0}, {"dq_atomic": "yes"}, {"dkdv_split": -1}, {"dkdv_tile": 64}, {"dkdv_impl": "fast"}):
         key = next(iter(bad))
         with pytest.raises(ValueError, match=key):
             chunk_selection_triton(q, q, 4, 2, config=bad)
         with pytest.raises(ValueError, match=key):
             sparse_attention(q, q, q, 4, 2, backend="naive", config=bad)
+
+
+@needs_kernels
+def test_gluon_dkdv_where_it_cannot_run_is_refused_before_the_forward():
+    """Forcing the Gluon dK/dV kernel on inputs it does not take (CPU, fp32, head size 16 here; or with the
+    Triton kernel's dq_atomic) fails at the call, naming the option and the reason; "auto" falls back."""
+    q = torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True)
+    for config in ({"dkdv_impl": "gluon"}, {"dkdv_impl": "gluon", "dq_atomic": True}):
+        with pytest.raises(ValueError, match="dkdv_impl 'gluon' cannot run: .+"):
+            sparse_attention_triton(q, q, q, 8, 3, config=config)
+    sparse_attention_triton(q, q, q, 8, 3, config={"dkdv_impl": "auto"}).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_fp32_inputs_get_dkdv_tiles_that_fit_shared_memory():
@@ -302,6 +314,35 @@ def test_gpu_bf16_matches_float64(cu_seqlens):
     want = output_and_grads(sparse_attention_naive, q, k, v, upstream, torch.float64, "cuda",
                             chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens)
     assert_close(got, want, 1e-2)
+
+
+def _gluon_reason():
+    from rwkvx_kernels.sparse_attention.gluon_dkdv import unsupported_reason
+
+    if not torch.cuda.is_available() or INTERPRET:
+        return "needs CUDA (and TRITON_INTERPRET unset)"
+    return unsupported_reason(torch.device("cuda"), torch.bfloat16, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gluon_reason() is not None, reason=str(_gluon_reason()))
+@pytest.mark.parametrize("dtype, B, T, cs, cu_seqlens", [(torch.bfloat16, 2, 3000, 512, None),
+                                                     (torch.float16, 1, 5000, 256, [0, 1000, 1001, 3500, 5000])])
+def test_gpu_gluon_dkdv_matches_float64_and_the_triton_kernel(dtype, B, T, cs, cu_seqlens):
+    """The Gluon dK/dV kernel (Hopper) against float64 on fresh inputs (T not a multiple of the chunk, packed
+    documents, fp16 and bf16), and against the Triton kernel it replaces, which sums in the same order."""
+    H, D, topk = 2, 64, 3
+    q, k, v, upstream = random_qkv(B, T, H, D, seed=61 + T)
+    q, k, v, upstream = (x.to(dtype).double() for x in (q, k, v, upstream))
+    sizes = dict(chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens)
+    gluon = output_and_grads(sparse_attention_triton, q, k, v, upstream, dtype, "cuda",
+                             config={"dkdv_impl": "gluon"}, **sizes)
+    triton_ = output_and_grads(sparse_attention_triton, q, k, v, upstream, dtype, "cuda",
+                               config={"dkdv_impl": "triton"}, **sizes)
+    want = output_and_grads(sparse_attention_naive, q, k, v, upstream, torch.float64, "cuda", **sizes)
+    assert_close(gluon, want, 1e-2)
+    for name, got, ref in zip(("dk", "dv"), gluon[2:], triton_[2:]):
+        assert rel_err(got, ref) <= 1e-3, (name, rel_err(got, ref))
 
 
 @pytest.mark.gpu

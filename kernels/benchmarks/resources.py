@@ -82,8 +82,11 @@ class Compiler:
             sig[a] = t
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if sig[a].startswith("*") or sig[a] in ("i32", "i64")}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                        attrs=attrs)
+        source = ASTSource
+        if getattr(fn, "is_gluon", lambda: False)():
+            from triton.experimental.gluon._runtime import GluonASTSource as source
+        src = source(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                     attrs=attrs)
         try:
             compiled = triton.compile(src, target=self.target,
                                       options={"num_warps": num_warps, "num_stages": num_stages})
