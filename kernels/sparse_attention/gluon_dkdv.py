@@ -1,5 +1,6 @@
 """The sparse attention dK/dV kernel in Gluon for Hopper (sm_90): the same work and summation order as
-`triton_topk._bwd_dkdv_kernel` (bitwise-identical dK, dV on an H200), 8% faster at 64K tokens.
+`triton_topk._bwd_dkdv_kernel` (bitwise-identical dK, dV on an H200), 6.95 instead of 8.07 ms at 64K tokens,
+chunk 2048, topk 3 (docs/benchmarks.md, session 8).
 
 Why Gluon: Triton 3.6 waits for every warpgroup product whose result is used in the same iteration
 (`wgmma.wait_group 0`), so the exponentials of a tile never overlap the tensor cores. Gluon issues the
@@ -17,8 +18,9 @@ shared-memory transpose). Row tiles are gathered (own-chunk queries, then the bu
 selected the chunk) by cp.async into a 4-stage ring, two tiles ahead; lse and delta of the bucket rows
 come pre-gathered in bucket order (`bucket_rows`), so their loads need no index first.
 
-Only for bf16/fp16 inputs with head size 64 on compute capability 9.x; no CPU interpreter support
-(the Triton kernel is the reference the tests compare it with, besides float64).
+Only for bf16/fp16 inputs with head size 64 on compute capability 9.x, and Triton 3.6 (Gluon is an
+experimental API that changes between releases); no CPU interpreter support (the Triton kernel is the
+reference the tests compare it with, besides float64).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ except ImportError as e:  # older Triton: no Gluon, or a different Gluon API
 else:
     _IMPORT_ERROR = None
 
+TESTED_TRITON = ("3.6.",)
 BN = 128  # keys per program: 64 per warpgroup
 BM = 64  # queries per row tile
 STAGES = 4  # ring of row tiles, loaded two ahead
@@ -49,6 +52,8 @@ def unsupported_reason(device, dtype, head_size: int) -> str | None:
     """Why the Gluon kernel cannot run for these inputs (None: it can)."""
     if gluon is None:
         return f"Triton without the Gluon Hopper API ({_IMPORT_ERROR})"
+    if not triton.__version__.startswith(TESTED_TRITON):
+        return f"Triton {triton.__version__} (the kernel is written for {', '.join(TESTED_TRITON)}x)"
     if device.type != "cuda":
         return f"device {device} is not CUDA"
     major, minor = torch.cuda.get_device_capability(device)
