@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from rwkvx_kernels.sparse_attention import (  # noqa: E402
     ChunkedKVCache,
@@ -185,6 +185,23 @@ def test_gluon_dkdv_where_it_cannot_run_is_refused_before_the_forward():
             sparse_attention_triton(q, q, q, 8, 3, config=config)
     sparse_attention_triton(q, q, q, 8, 3, config={"dkdv_impl": "auto"}).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_every_kernel_compiles_for_hopper_without_a_gpu():
+    """All sparse attention kernels, the Gluon dK/dV kernel among them (which no CPU test can run), compile
+    for sm_90 with the installed Triton; the Gluon one on the warpgroup tensor cores, without spills."""
+    import subprocess
+    import sys
+
+    from rwkvx_kernels.sparse_attention import gluon_dkdv
+
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "rwkvx_kernels.benchmarks.bench_sparse_attention", "--compile-only"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and "0 failures" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    if gluon_dkdv.gluon is not None and triton.__version__.startswith(gluon_dkdv.TESTED_TRITON):
+        line = next(row for row in run.stdout.splitlines() if "dkdv_gluon" in row)
+        assert line.startswith("ok") and "spills 0 B" in line and "wgmma 0," not in line, line
 
 
 def test_fp32_inputs_get_dkdv_tiles_that_fit_shared_memory():
