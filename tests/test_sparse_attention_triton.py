@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 from rwkvx_kernels.sparse_attention import (  # noqa: E402
     ChunkedKVCache,
@@ -189,7 +189,8 @@ def test_gluon_dkdv_where_it_cannot_run_is_refused_before_the_forward():
 
 def test_every_kernel_compiles_for_hopper_without_a_gpu():
     """All sparse attention kernels, the Gluon dK/dV kernel among them (which no CPU test can run), compile
-    for sm_90 with the installed Triton; the Gluon one on the warpgroup tensor cores, without spills."""
+    for sm_90 with the installed Triton (the Gluon one only on the Triton release it is written for) on the
+    warpgroup tensor cores, the Gluon one without spills."""
     import subprocess
     import sys
 
@@ -199,7 +200,7 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
     run = subprocess.run([sys.executable, "-m", "rwkvx_kernels.benchmarks.bench_sparse_attention", "--compile-only"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and "0 failures" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-    if gluon_dkdv.gluon is not None and triton.__version__.startswith(gluon_dkdv.TESTED_TRITON):
+    if gluon_dkdv.triton_unsupported_reason() is None:
         line = next(row for row in run.stdout.splitlines() if "dkdv_gluon" in row)
         assert line.startswith("ok") and "spills 0 B" in line and "wgmma 0," not in line, line
 

@@ -351,7 +351,7 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
         ]
         from rwkvx_kernels.sparse_attention import gluon_dkdv as G
 
-        if G.gluon is not None and dtype != "float32" and c["dkdv_impl"] != "triton":
+        if G.triton_unsupported_reason() is None and dtype != "float32" and c["dkdv_impl"] != "triton":
             kernels.append(("dkdv_gluon", G._dkdv_gluon_kernel, "dkdv_impl",
                             {"H": H, "K1": K1, "D": D, "BM": G.BM, "BN": G.BN, "STAGES": G.STAGES, "IDX64": False, "num_warps": G.WARPS},
                             G.WARPS, 1))

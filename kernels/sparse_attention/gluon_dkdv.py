@@ -48,12 +48,21 @@ STAGES = 4  # ring of row tiles, loaded two ahead
 WARPS = 8
 
 
-def unsupported_reason(device, dtype, head_size: int) -> str | None:
-    """Why the Gluon kernel cannot run for these inputs (None: it can)."""
+def triton_unsupported_reason() -> str | None:
+    """Why the installed Triton cannot build the kernel (None: it can). Gluon changes between releases (3.9
+    renamed thread_barrier), so only the release it is written for counts."""
     if gluon is None:
         return f"Triton without the Gluon Hopper API ({_IMPORT_ERROR})"
     if not triton.__version__.startswith(TESTED_TRITON):
         return f"Triton {triton.__version__} (the kernel is written for {', '.join(TESTED_TRITON)}x)"
+    return None
+
+
+def unsupported_reason(device, dtype, head_size: int) -> str | None:
+    """Why the Gluon kernel cannot run for these inputs (None: it can)."""
+    reason = triton_unsupported_reason()
+    if reason is not None:
+        return reason
     if device.type != "cuda":
         return f"device {device} is not CUDA"
     major, minor = torch.cuda.get_device_capability(device)
