@@ -319,7 +319,7 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
 
     compiler = Compiler(arch)
     f32, i32 = "*fp32", "*i32"
-    types = {"MEANS": f32, "OP": f32, "LSEP": f32, "LSE": f32, "DELTA": f32, "LSE_G": f32, "DELTA_G": f32, "DQP": f32, "DQACC": f32,
+    types = {**dict.fromkeys(["MEANS", "OP", "LSEP", "LSE", "DELTA", "LSE_G", "DELTA_G", "DQP", "DQACC"], f32),
              **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL"], i32),
              **dict.fromkeys(["T", "H", "NC", "NKB", "BH"], "i32"), "scale": "fp32", "scale2": "fp32",
              **dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"],
@@ -352,9 +352,9 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
         from rwkvx_kernels.sparse_attention import gluon_dkdv as G
 
         if G.triton_unsupported_reason() is None and dtype != "float32" and c["dkdv_impl"] != "triton":
-            kernels.append(("dkdv_gluon", G._dkdv_gluon_kernel, "dkdv_impl",
-                            {"H": H, "K1": K1, "D": D, "BM": G.BM, "BN": G.BN, "STAGES": G.STAGES, "IDX64": False, "num_warps": G.WARPS},
-                            G.WARPS, 1))
+            consts = {"H": H, "K1": K1, "D": D, "BM": G.BM, "BN": G.BN, "STAGES": G.STAGES, "IDX64": False,
+                      "num_warps": G.WARPS}
+            kernels.append(("dkdv_gluon", G._dkdv_gluon_kernel, "dkdv_impl", consts, G.WARPS, 1))
         for name, fn, prefix, consts, warps, stages in kernels:
             launch = " ".join(f"{k}={v}" for k, v in c.items() if k.startswith(prefix + "_"))
             compiler.build(fn, {k: v for k, v in types.items() if k not in consts}, consts, warps,

@@ -246,18 +246,13 @@ if gluon is not None:
             gl.store(DV + off2, dv.to(dt), mask=(kr2 < cend)[:, None])
 
 
-def dkdv_gluon(q, k, v, do, lse, delta, perm, offs, ch_start, ch_end, NC: int, chunk_size: int, K1: int, scale: float,
-               scale2: float):
-    """dK, dV (input dtype) of the sparse attention backward; arguments as `triton_topk._backward` has them."""
+def dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, ch_start, ch_end, NC: int, chunk_size: int, K1: int,
+               scale: float, scale2: float):
+    """Write dK, dV (input dtype) of the sparse attention backward into dk, dv; arguments as
+    `triton_topk._backward` has them, which checks `unsupported_reason` first."""
     B, T, H, D = q.shape
-    reason = unsupported_reason(q.device, q.dtype, D)
-    if reason is not None:
-        raise ValueError(f"the Gluon dK/dV kernel cannot run here: {reason}")
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     lse_g, delta_g = bucket_rows(lse, delta, perm, T, H, K1)
     nkb = triton.cdiv(chunk_size, BN)
     _dkdv_gluon_kernel[(B * H * NC * nkb,)](q, k, v, do, lse, delta, lse_g, delta_g, dk, dv, perm, offs, ch_start,
                                             ch_end, T, NC, nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BM=BM, BN=BN,
                                             STAGES=STAGES, IDX64=q.numel() >= 2**31, num_warps=WARPS)
-    return dk, dv

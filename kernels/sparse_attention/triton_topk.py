@@ -804,8 +804,8 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         wb = ws = offs
         grid = (B * H * NC * nkb,)
     if _use_gluon_dkdv(cfg, q):
-        dk, dv = gluon_dkdv.dkdv_gluon(q, k, v, do, lse, delta, perm, offs, ch_start, ch_end, NC, chunk_size, K1, scale,
-                                       scale2)
+        gluon_dkdv.dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, ch_start, ch_end, NC, chunk_size, K1, scale,
+                              scale2)
     else:
         _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC,
                                nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"],
