@@ -205,6 +205,65 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
         assert line.startswith("ok") and "spills 0 B" in line and "wgmma 0," not in line, line
 
 
+@needs_kernels
+@pytest.mark.parametrize("at_least_one", [False, True])
+def test_work_table_cuts_every_bucket_into_blocks(at_least_one):
+    """The work table (two kernels) against a plain loop: every bucket cut in blocks of BM entries, in bucket
+    order, empty buckets skipped (or given one empty block), the surplus of the upper-bound grid marked -1;
+    `first` is each bucket's first block."""
+    from rwkvx_kernels.sparse_attention.triton_topk import _work_table
+
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.randint(0, 40, (37,), generator=gen)
+    counts[[0, 5, 6, 36]] = 0
+    counts[9] = 200
+    offs = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    BM = 16
+    wb, ws, n_items, first = _work_table(offs.to(DEVICE), BM, int(counts.sum()), at_least_one, first=True)
+    want_b, want_s, want_first = [], [], [0]
+    for u, c in enumerate(counts.tolist()):
+        n = max(-(-c // BM), 1 if at_least_one else 0)
+        want_b += [u] * n
+        want_s += [int(offs[u]) + j * BM for j in range(n)]
+        want_first.append(want_first[-1] + n)
+    assert n_items >= len(want_b)
+    assert wb.cpu().tolist() == want_b + [-1] * (n_items - len(want_b))
+    assert ws.cpu().tolist()[:len(want_s)] == want_s
+    assert first.cpu().tolist() == want_first
+
+
+@needs_kernels
+def test_gathered_rows_are_the_bucket_entries_in_padded_bucket_order():
+    """`gluon_dkdv.gather_rows` (a Triton kernel, run on every machine) puts each bucket's entries in
+    order in whole tiles of BM rows: their flat row indices, lse and delta; the rest of a bucket's last
+    tile has index -1."""
+    from rwkvx_kernels.sparse_attention import gluon_dkdv
+    from rwkvx_kernels.sparse_attention.triton_topk import _forward, _work_table, resolve_config
+
+    B, T, H, D, cs, topk = 2, 70, 2, 16, 8, 3
+    q, k, v, _ = (x.float().to(DEVICE) for x in random_qkv(B, T, H, D, 11))
+    o, lse, sel, perm, offs, NC, tables, _ = _forward(q, k, v, cs, topk, (0, T), resolve_config(None, DEVICE))
+    delta = torch.randn(B * H, T, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    K1, BM = topk - 1, gluon_dkdv.BM
+    wb, ws, n_items, first = _work_table(offs, BM, perm.numel(), first=True)
+    tokg, lse_g, delta_g = (x.cpu() for x in gluon_dkdv.gather_rows(lse, delta, perm, offs, (wb, ws, n_items), T, H,
+                                                                     NC, K1))
+    perm, offs, first = perm.long().cpu(), offs.long().cpu(), first.long().cpu()
+    checked = 0
+    for u in range(B * H * NC):
+        bh = u // NC
+        pairs = perm[offs[u]:offs[u + 1]]
+        t = (pairs // (H * K1)) % T
+        rows = torch.arange(first[u] * BM, first[u + 1] * BM)
+        n = len(pairs)
+        assert len(rows) == -(-n // BM) * BM
+        assert tokg[rows[:n]].tolist() == (((bh // H) * T + t) * H + bh % H).tolist()
+        assert (tokg[rows[n:]] == -1).all()
+        assert torch.equal(lse_g[rows[:n]], lse.cpu()[bh, t]) and torch.equal(delta_g[rows[:n]], delta.cpu()[bh, t])
+        checked += n
+    assert checked == (sel >= 0).sum().item() > 0
+
+
 def test_fp32_inputs_get_dkdv_tiles_that_fit_shared_memory():
     """fp32 inputs on a GPU take smaller dK/dV tiles (the default ones need 264 KB of shared memory there and
     fail to launch); options given by the user still win, and bf16 keeps the default tiles."""

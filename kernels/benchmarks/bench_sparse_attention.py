@@ -320,8 +320,9 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
     compiler = Compiler(arch)
     f32, i32 = "*fp32", "*i32"
     types = {**dict.fromkeys(["MEANS", "OP", "LSEP", "LSE", "DELTA", "LSE_G", "DELTA_G", "DQP", "DQACC"], f32),
-             **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL"], i32),
-             **dict.fromkeys(["T", "H", "NC", "NKB", "BH"], "i32"), "scale": "fp32", "scale2": "fp32",
+             **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL", "KEYS",
+                              "FIRST", "TOKG"], i32),
+             **dict.fromkeys(["T", "H", "NC", "NKB", "BH", "n_buckets", "n_items"], "i32"), "scale": "fp32", "scale2": "fp32",
              **dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"],
                              {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype])}
     H, K1, D = 16, topk - 1, 64
@@ -339,6 +340,9 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
              c["past_warps"], c["past_stages"]),
             ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "K1": K1, **tiles["fwd"]}, c["fwd_warps"],
              c["fwd_stages"]),
+            ("block_scan", S._block_scan_kernel, "scan", {"BM": c["past_bm"], "AT_LEAST_ONE": False, "BLOCK": 1024},
+             4, 1),
+            ("fill_work", S._fill_work_kernel, "fill", {"BM": c["past_bm"], "BLOCK": 256}, 4, 1),
             ("delta", S._delta_kernel, "delta", {"D": D, "BD": D, "H": H, "BM": 64}, 4, 3),
             ("dkdv", S._bwd_dkdv_kernel, "dkdv", {**dot, "H": H, "K1": K1, "SPLIT": int(c["dkdv_split"]),
                                                   "STAGGER": bool(c["dq_atomic"]),
@@ -355,6 +359,7 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
             consts = {"H": H, "K1": K1, "D": D, "BM": G.BM, "BN": G.BN, "STAGES": G.STAGES, "IDX64": False,
                       "num_warps": G.WARPS}
             kernels.append(("dkdv_gluon", G._dkdv_gluon_kernel, "dkdv_impl", consts, G.WARPS, 1))
+        kernels.append(("gather_rows", G._gather_rows_kernel, "gather", {"H": H, "K1": K1, "BM": G.BM}, 4, 1))
         for name, fn, prefix, consts, warps, stages in kernels:
             launch = " ".join(f"{k}={v}" for k, v in c.items() if k.startswith(prefix + "_"))
             compiler.build(fn, {k: v for k, v in types.items() if k not in consts}, consts, warps,

@@ -1,6 +1,6 @@
 """The sparse attention dK/dV kernel in Gluon for Hopper (sm_90): the same work and summation order as
-`triton_topk._bwd_dkdv_kernel` (bitwise-identical dK, dV on an H200), 6.95 instead of 8.07 ms at 64K tokens,
-chunk 2048, topk 3 (docs/benchmarks.md, session 8).
+`triton_topk._bwd_dkdv_kernel` (bitwise-identical dK, dV on an H200), 6.6 instead of 8.1 ms at 64K tokens,
+chunk 2048, topk 3 (docs/benchmarks.md, sessions 8 and 9).
 
 Why Gluon: Triton 3.6 waits for every warpgroup product whose result is used in the same iteration
 (`wgmma.wait_group 0`), so the exponentials of a tile never overlap the tensor cores. Gluon issues the
@@ -14,9 +14,10 @@ products asynchronously and waits for exactly the one needed:
     dK += dS^T Q issued                                (stays in flight into the next tile)
 
 The [keys, queries] tiles keep P^T and dS^T in the registers where the dV, dK products read them (no
-shared-memory transpose). Row tiles are gathered (own-chunk queries, then the bucket of queries that
-selected the chunk) by cp.async into a 4-stage ring, two tiles ahead; lse and delta of the bucket rows
-come pre-gathered in bucket order (`bucket_rows`), so their loads need no index first.
+shared-memory transpose). Row tiles (own-chunk queries, then the bucket of queries that selected the
+chunk) go by cp.async into a 4-stage ring, two tiles ahead. `gather_rows` first lays every bucket out in
+padded bucket order (whole tiles of BM rows, padding after its end): the rows' indices, lse and delta,
+so that the loop finds a bucket tile's rows with one index load, no division and no bucket-end mask.
 
 Only for bf16/fp16 inputs with head size 64 on compute capability 9.x, and Triton 3.6 (Gluon is an
 experimental API that changes between releases); no CPU interpreter support (the Triton kernel is the
@@ -24,6 +25,8 @@ reference the tests compare it with, besides float64).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -58,8 +61,9 @@ def triton_unsupported_reason() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def unsupported_reason(device, dtype, head_size: int) -> str | None:
-    """Why the Gluon kernel cannot run for these inputs (None: it can)."""
+    """Why the Gluon kernel cannot run for these inputs (None: it can); cached, as it is asked on every call."""
     reason = triton_unsupported_reason()
     if reason is not None:
         return reason
@@ -76,69 +80,84 @@ def unsupported_reason(device, dtype, head_size: int) -> str | None:
 
 
 @triton.jit
-def _bucket_rows_kernel(LSE, DELTA, PERM, LSE_G, DELTA_G, n, T, H: tl.constexpr, K1: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n
-    pair = tl.load(PERM + idx, mask=mask, other=0).to(tl.int64)
-    t = (pair // (H * K1)) % T
-    bh = (pair // (T * H * K1)) * H + (pair // K1) % H
-    tl.store(LSE_G + idx, tl.load(LSE + bh * T + t, mask=mask), mask=mask)
-    tl.store(DELTA_G + idx, tl.load(DELTA + bh * T + t, mask=mask), mask=mask)
+def _gather_rows_kernel(LSE, DELTA, PERM, OFFS, WB, WS, TOKG, LSE_G, DELTA_G, T, NC, H: tl.constexpr,
+                        K1: tl.constexpr, BM: tl.constexpr):
+    """Work item w (a block of up to BM entries of one bucket) -> padded rows w*BM .. w*BM+BM-1 in bucket
+    order: the selecting queries' flat [B*T*H] row indices (-1 after the bucket's end), lse and delta."""
+    w = tl.program_id(0)
+    bucket = tl.load(WB + w)
+    if bucket >= 0:
+        bh = bucket // NC
+        idx = tl.load(WS + w) + tl.arange(0, BM)
+        valid = idx < tl.load(OFFS + bucket + 1)
+        pair = tl.load(PERM + idx, mask=valid, other=0)
+        t = (pair // (H * K1)) % T
+        rows = w.to(tl.int64) * BM + tl.arange(0, BM)
+        tl.store(TOKG + rows, tl.where(valid, ((bh // H) * T + t) * H + bh % H, -1))
+        tl.store(LSE_G + rows, tl.load(LSE + bh * T + t, mask=valid, other=0.0))
+        tl.store(DELTA_G + rows, tl.load(DELTA + bh * T + t, mask=valid, other=0.0))
 
 
-def bucket_rows(lse, delta, perm, T: int, H: int, K1: int):
-    """lse, delta [B*H, T] of every bucket entry, in bucket order: [B*T*H*K1] fp32 each."""
-    n = perm.numel()
-    lse_g = torch.empty(max(n, 1), device=lse.device, dtype=torch.float32)
-    delta_g = torch.empty_like(lse_g)
-    if K1 > 0 and n > 0:
-        _bucket_rows_kernel[(triton.cdiv(n, 1024),)](lse, delta, perm, lse_g, delta_g, n, T, H=H, K1=K1, BLOCK=1024)
-    return lse_g, delta_g
+def gather_rows(lse, delta, perm, offs, work, T: int, H: int, NC: int, K1: int):
+    """The bucket entries in padded bucket order (work item w of `work` fills rows w*BM .. w*BM+BM-1):
+    (tokg [R] int32 flat row indices, -1 for padding; lse_g, delta_g [R] fp32), by `_gather_rows_kernel`.
+
+    The kernel then reads a bucket tile's rows through one index load, without the division and masks
+    that finding them through `perm` takes. Copies of the q, dO rows in this order (no index at all) were
+    no faster and cost a gather of their own (docs/benchmarks.md, session 9)."""
+    wb, ws, n_items = work
+    R = n_items * BM
+    tokg = torch.empty(R, device=lse.device, dtype=torch.int32)
+    lse_g = lse.new_empty(R)
+    delta_g = lse.new_empty(R)
+    _gather_rows_kernel[(n_items,)](lse, delta, perm, offs, wb, ws, tokg, lse_g, delta_g, T, NC, H=H, K1=K1, BM=BM)
+    return tokg, lse_g, delta_g
 
 
 if gluon is not None:
 
     @gluon.jit
-    def _row_tile(i, n_own, kstart, cend, seg_lo, seg_hi, n_tiles, PERM, b, h, T,
-                  H: gl.constexpr, K1: gl.constexpr, BM: gl.constexpr, IDX64: gl.constexpr, layout: gl.constexpr):
-        """Flat [B*T*H] rows and validity of row tile i: own-chunk queries first, then the bucket's."""
-        offs = gl.arange(0, BM, layout)
+    def _tile_rows(i, n_own, n_tiles, kstart, cend, bfirst, head, TOKG, H: gl.constexpr, D: gl.constexpr,
+                   BM: gl.constexpr, IDX64: gl.constexpr, layout: gl.constexpr):
+        """Element offsets into Q, DO and validity of the rows of tile i. Tiles 0 .. n_own-1 are the chunk's
+        own queries (rows past the chunk's end invalid), the rest whole tiles of the bucket in padded bucket
+        order, found through TOKG (-1: padding). Tiles past the last are invalid."""
         own = i < n_own
-        idx_own = kstart + i * BM + offs
-        idx_b = seg_lo + (i - n_own) * BM + offs
-        valid_b = (idx_b < seg_hi) & (not own)
-        pair = gl.load(PERM + idx_b, mask=valid_b, other=0)
-        t = gl.where(own, idx_own, (pair // (H * K1)) % T)
-        valid = gl.where(own, idx_own < cend, valid_b) & (i < n_tiles)
+        row0 = gl.where(own, kstart + i * BM, (bfirst + i - n_own) * BM)
+        offs = gl.arange(0, BM, layout)
         if IDX64:
-            tok = (b.to(gl.int64) * T + t) * H + h
+            rows = row0.to(gl.int64) + offs
         else:
-            tok = (b * T + t) * H + h
-        return tok, valid
+            rows = row0 + offs
+        valid = offs < gl.where(i < n_tiles, gl.where(own, cend - row0, BM), 0)
+        tok = gl.load(TOKG + rows, mask=valid & (not own), other=0)
+        valid = valid & (own | (tok >= 0))
+        if IDX64:
+            tok = tok.to(gl.int64)
+        return gl.where(own, head + rows * (H * D), tok * D), valid
 
     @gluon.jit
-    def _load_row_tile(s, i, tok, valid, n_own, kstart, cend, seg_lo, seg_hi, lse_row, delta_row, LSE_G, DELTA_G,
-                       Q, DO, q_ring, do_ring, lse_ring, delta_ring, D: gl.constexpr, BM: gl.constexpr,
+    def _load_row_tile(s, i, off, valid, n_own, kstart, bfirst, n_tiles, cend, lse_row, delta_row, Q, DO, LSE_G,
+                       DELTA_G, q_ring, do_ring, lse_ring, delta_ring, D: gl.constexpr, BM: gl.constexpr,
                        ld_layout: gl.constexpr, vec_layout: gl.constexpr):
-        """cp.async row tile i (q, dO rows, their lse and delta) into ring stage s; one commit group.
-        Masked rows read as zeros, and zero rows add nothing to dK, dV."""
+        """cp.async row tile i (q, dO rows at `off`, their lse and delta) into ring stage s; one commit group.
+        Invalid rows read as zeros, and zero rows add nothing to dK, dV."""
+        own = i < n_own
         offs_d = gl.arange(0, D, gl.SliceLayout(0, ld_layout))
-        off = tok[:, None] * D + offs_d[None, :]
+        off = off[:, None] + offs_d[None, :]
         async_copy.async_copy_global_to_shared(q_ring.index(s), Q + off, mask=valid[:, None])
         async_copy.async_copy_global_to_shared(do_ring.index(s), DO + off, mask=valid[:, None])
+        row0 = gl.where(own, kstart + i * BM, (bfirst + i - n_own) * BM)
         offs = gl.arange(0, BM, vec_layout)
-        own = i < n_own
-        r_own = kstart + i * BM + offs
-        r_b = seg_lo + (i - n_own) * BM + offs
-        vmask = ((r_own < cend) & own) | ((r_b < seg_hi) & (not own))
-        async_copy.async_copy_global_to_shared(lse_ring.index(s), gl.where(own, lse_row + r_own, LSE_G + r_b),
-                                               mask=vmask)
-        async_copy.async_copy_global_to_shared(delta_ring.index(s), gl.where(own, delta_row + r_own, DELTA_G + r_b),
+        vmask = offs < gl.where(i < n_tiles, gl.where(own, cend - row0, BM), 0)
+        rv = row0 + offs
+        async_copy.async_copy_global_to_shared(lse_ring.index(s), gl.where(own, lse_row + rv, LSE_G + rv), mask=vmask)
+        async_copy.async_copy_global_to_shared(delta_ring.index(s), gl.where(own, delta_row + rv, DELTA_G + rv),
                                                mask=vmask)
         async_copy.commit_group()
 
     @gluon.jit
-    def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, LSE_G, DELTA_G, DK, DV, PERM, OFFS, CH_START, CH_END, T, NC, NKB,
+    def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, TOKG, LSE_G, DELTA_G, DK, DV, FIRST, CH_START, CH_END, T, NC, NKB,
                            BH, scale, scale2, H: gl.constexpr, K1: gl.constexpr, D: gl.constexpr, BM: gl.constexpr,
                            BN: gl.constexpr, STAGES: gl.constexpr, IDX64: gl.constexpr, num_warps: gl.constexpr):
         """dK, dV of one block of BN keys of one chunk; program order as `_bwd_dkdv_kernel` (SPLIT 0)."""
@@ -147,11 +166,11 @@ if gluon is not None:
         bh = pid % BH
         g = pid // BH // NKB
         kb = (pid // BH) % NKB
-        seg_lo = 0
-        seg_hi = 0
+        bfirst = 0  # the bucket's first tile in the bucket-ordered copies, and its number of tiles
+        n_btiles = 0
         if K1 > 0:
-            seg_lo = gl.load(OFFS + bh * NC + g)
-            seg_hi = gl.load(OFFS + bh * NC + g + 1)
+            bfirst = gl.load(FIRST + bh * NC + g)
+            n_btiles = gl.load(FIRST + bh * NC + g + 1) - bfirst
         cend = gl.load(CH_END + g)
         kstart = gl.load(CH_START + g) + kb * BN
         if kstart < cend:
@@ -192,7 +211,7 @@ if gluon is not None:
 
             n_own = gl.cdiv(cend - kstart, BM)
             n_diag = gl.cdiv(BN, BM)  # own-chunk tiles that reach into the key block: causal mask
-            n_tiles = n_own + gl.cdiv(seg_hi - seg_lo, BM)
+            n_tiles = n_own + n_btiles
             cols = kstart + gl.arange(0, BN, gl.SliceLayout(1, s_l))
             offs_c = gl.arange(0, BM, col_l)
             lse_row = LSE + bh * T
@@ -200,13 +219,13 @@ if gluon is not None:
 
             AHEAD: gl.constexpr = STAGES - 2  # a stage is refilled two tiles after its last reader issued
             for i in gl.static_range(AHEAD):
-                tok, valid = _row_tile(i, n_own, kstart, cend, seg_lo, seg_hi, n_tiles, PERM, b, h, T, H, K1, BM,
-                                       IDX64, row_l)
-                _load_row_tile(i, i, tok, valid, n_own, kstart, cend, seg_lo, seg_hi, lse_row, delta_row, LSE_G,
-                               DELTA_G, Q, DO, q_ring, do_ring, lse_ring, delta_ring, D, BM, ld_l, vec_l)
-            # the rows of the next tile to load, one iteration ahead (gathered through PERM)
-            tok, valid = _row_tile(AHEAD, n_own, kstart, cend, seg_lo, seg_hi, n_tiles, PERM, b, h, T, H, K1, BM,
-                                   IDX64, row_l)
+                off, valid = _tile_rows(i, n_own, n_tiles, kstart, cend, bfirst, head, TOKG, H, D, BM, IDX64,
+                                        row_l)
+                _load_row_tile(i, i, off, valid, n_own, kstart, bfirst, n_tiles, cend, lse_row, delta_row, Q, DO,
+                               LSE_G, DELTA_G, q_ring, do_ring, lse_ring, delta_ring, D, BM, ld_l, vec_l)
+            # the rows of the next tile to load, one iteration ahead (without copies their indices are loads)
+            off, valid = _tile_rows(AHEAD, n_own, n_tiles, kstart, cend, bfirst, head, TOKG, H, D, BM, IDX64,
+                                    row_l)
             dk = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, kv_l))
             dv = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, kv_l))
             zero_s = gl.zeros([BN, BM], gl.float32, s_l)
@@ -221,11 +240,11 @@ if gluon is not None:
                 dpt = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 lse = lse_ring.index(s).load(col_l)
                 delta = delta_ring.index(s).load(col_l)
-                _load_row_tile((i + AHEAD) % STAGES, i + AHEAD, tok, valid, n_own, kstart, cend, seg_lo, seg_hi,
-                               lse_row, delta_row, LSE_G, DELTA_G, Q, DO, q_ring, do_ring, lse_ring, delta_ring, D, BM,
-                               ld_l, vec_l)
-                tok, valid = _row_tile(i + AHEAD + 1, n_own, kstart, cend, seg_lo, seg_hi, n_tiles, PERM, b, h, T,
-                                       H, K1, BM, IDX64, row_l)
+                _load_row_tile((i + AHEAD) % STAGES, i + AHEAD, off, valid, n_own, kstart, bfirst, n_tiles, cend,
+                               lse_row, delta_row, Q, DO, LSE_G, DELTA_G, q_ring, do_ring, lse_ring, delta_ring,
+                               D, BM, ld_l, vec_l)
+                off, valid = _tile_rows(i + AHEAD + 1, n_own, n_tiles, kstart, cend, bfirst, head, TOKG, H, D, BM,
+                                        IDX64, row_l)
                 st, dk, dv = warpgroup_mma_wait(1, deps=(st, dk, dv))  # S^T and the previous tile's dK, dV
                 pt = gl.exp2(st * scale2 - lse[None, :])
                 if i < n_diag:
@@ -246,13 +265,18 @@ if gluon is not None:
             gl.store(DV + off2, dv.to(dt), mask=(kr2 < cend)[:, None])
 
 
-def dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, ch_start, ch_end, NC: int, chunk_size: int, K1: int,
+def dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_end, NC: int, chunk_size: int, K1: int,
                scale: float, scale2: float):
     """Write dK, dV (input dtype) of the sparse attention backward into dk, dv; arguments as
-    `triton_topk._backward` has them, which checks `unsupported_reason` first."""
+    `triton_topk._backward` has them, which checks `unsupported_reason` first. work: (wb, ws, n_items, first),
+    the buckets cut in blocks of BM entries (`triton_topk._work_table(..., first=True)`; None when K1 == 0)."""
     B, T, H, D = q.shape
-    lse_g, delta_g = bucket_rows(lse, delta, perm, T, H, K1)
+    if K1 > 0:
+        wb, ws, n_items, first = work
+        tokg, lse_g, delta_g = gather_rows(lse, delta, perm, offs, (wb, ws, n_items), T, H, NC, K1)
+    else:
+        tokg, lse_g, delta_g, first = offs, lse, delta, offs
     nkb = triton.cdiv(chunk_size, BN)
-    _dkdv_gluon_kernel[(B * H * NC * nkb,)](q, k, v, do, lse, delta, lse_g, delta_g, dk, dv, perm, offs, ch_start,
+    _dkdv_gluon_kernel[(B * H * NC * nkb,)](q, k, v, do, lse, delta, tokg, lse_g, delta_g, dk, dv, first, ch_start,
                                             ch_end, T, NC, nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BM=BM, BN=BN,
                                             STAGES=STAGES, IDX64=q.numel() >= 2**31, num_warps=WARPS)

@@ -19,9 +19,10 @@ Pipeline (inputs contiguous [B, T, H, D]; B*H = BH; NC = number of chunks, all d
    kept in registers and updated in a few insertion rounds per block, which keeps exactly the
    stable-descending tie rule. Output: `sel` [B, T, H, topk-1] int32 global chunk ids, best
    first, -1 padded. Nothing of size T x NC is ever stored.
-3. Inversion (plain torch, O(T*H*topk)): the (query, slot) pairs are sorted by (head, chunk)
-   (`perm`, stable, so queries ascend in each bucket) with bucket offsets `offs` [BH*NC + 1]; a work
-   table cuts every bucket into blocks of gathered queries.
+3. Inversion (O(T*H*topk)): the (query, slot) pairs are sorted by their bucket (head, chunk), which
+   `_select_kernel` writes as a sort key (`perm`, torch's stable sort, so queries ascend in each bucket),
+   with bucket offsets `offs` [BH*NC + 1]; a work table (`_work_table`, two small kernels) cuts every
+   bucket into blocks of gathered queries.
 4. `_past_fwd_kernel`: per work item (head, chunk, block of gathered queries): dense flash tiles of
    those queries against the chunk's keys -> partial output and log-sum-exp per (query, slot).
 5. `_own_fwd_kernel`: per (query tile, head): causal attention inside each query's own chunk
@@ -46,9 +47,11 @@ Backward (exact; recomputes probabilities from the stored log-sum-exp):
   invalidation, which made this mode 1.5x slower.
 
 Saved for backward: q, k, v, o (input dtype), lse [BH, T] fp32, sel [B, T, H, topk-1] int32, perm
-[B*T*H*(topk-1)] int32, offs [BH*NC + 1] int32 and the chunk tables: per token and head
-4*D*elem + 4 + 8*(topk-1) bytes (bf16, D=64, topk=3: 532 bytes; q/k/v/o alone are 512). Transient:
-the forward partials (o, lse) and the backward dQ partials, fp32 [B*T*H*(topk-1), D + 1]-ish.
+[B*T*H*(topk-1)] int32, offs [BH*NC + 1] int32, the forward's work table (2 int32 per past_bm pairs) and
+the chunk tables: per token and head 4*D*elem + 4 + 8*(topk-1) bytes (bf16, D=64, topk=3: 532 bytes;
+q/k/v/o alone are 512). Transient: the forward partials (o, lse) and the backward dQ partials, fp32
+[B*T*H*(topk-1), D + 1]-ish; with the Gluon dK/dV kernel the padded bucket-ordered rows (`gather_rows`,
+at chunks >= 512 copies of q and dO: 2*D*elem + 8 bytes per pair).
 
 Any chunk size >= 1 and any T work (tiles are masked); documents may be shorter than a chunk.
 """
@@ -141,7 +144,7 @@ def _chunk_means_kernel(K, MEANS, CH_START, CH_END, T, H, NC,
 
 
 @triton.jit
-def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, T, H, NC,
+def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, KEYS, T, H, NC,
                    D: tl.constexpr, BD: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
                    BM: tl.constexpr, BG: tl.constexpr, SEL_PREC: tl.constexpr):
     """Top-(K1) past chunks of every query of a BM-row tile, best first (score desc, chunk id asc).
@@ -152,7 +155,8 @@ def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, T, H, NC,
     row's best remaining candidate (higher score, then lower id) and puts it in place of the worst
     member (lowest score, then highest id) when it scores strictly higher. Members always have lower
     ids than the block's chunks, so this keeps exactly the stable-descending top-K1 set. Padding slots
-    (KP > K1) hold +inf so they are never the worst member."""
+    (KP > K1) hold +inf so they are never the worst member. KEYS gets each (query, slot)'s bucket,
+    batch*head * NC + chunk (B*H*NC for an empty slot), the sort key of the inversion."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -200,6 +204,8 @@ def _select_kernel(Q, MEANS, TOK_CHUNK, CH_FIRST, SEL, T, H, NC,
     rank = tl.sum(better.to(tl.int32), axis=2)
     out = tl.where(top_i >= 0, top_i, -1)
     tl.store(SEL + tok[:, None] * K1 + rank, out, mask=rmask[:, None] & real[None, :])
+    key = tl.where(top_i >= 0, bh * NC + top_i, tl.num_programs(1) * NC)
+    tl.store(KEYS + tok[:, None] * K1 + rank, key, mask=rmask[:, None] & real[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,12 +255,12 @@ def _past_fwd_kernel(Q, K, V, OP, LSEP, PERM, OFFS, WB, WS, CH_START, CH_END, T,
         kv_off = head + cols.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
         k = tl.load(K + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
         v = tl.load(V + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # unscaled: the scale goes into one FMA below
         if not EVEN_N:
             s = tl.where(cmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale2)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * scale2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -278,13 +284,13 @@ def _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, k_lo, k_hi, scale2, 
         else:
             k = tl.load(K + kv_off, mask=dmask[None, :], other=0.0)
             v = tl.load(V + kv_off, mask=dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # unscaled: the scale goes into one FMA below
         if MASKED:
             vis = (cols[None, :] >= kst[:, None]) & (cols[None, :] <= rows[:, None]) & cmask[None, :]
             s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale2)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * scale2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -626,7 +632,27 @@ def _chunk_tables(T: int, chunk_size: int, bounds: tuple, device: torch.device):
     return _TABLE_CACHE[key]
 
 
+_CONFIG_CACHE: dict = {}
+
+
 def _config(device: torch.device, config, dtype=None) -> dict:
+    """The checked launch parameters (shared between calls with the same options: do not modify)."""
+    try:
+        key = (device.type, dtype, tuple(sorted(config.items())) if config else None)
+        hit = _CONFIG_CACHE.get(key)
+    except TypeError:  # an unhashable option value: checked (and refused) below
+        key = hit = None
+    if hit is not None:
+        return hit
+    cfg = _check_config(device, config, dtype)
+    if key is not None:
+        if len(_CONFIG_CACHE) > 64:
+            _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[key] = cfg
+    return cfg
+
+
+def _check_config(device: torch.device, config, dtype=None) -> dict:
     base = CONFIG_INTERPRET if device.type != "cuda" else CONFIG_GPU
     cfg = dict(base)
     if device.type == "cuda" and dtype == torch.float32:
@@ -665,7 +691,7 @@ def resolve_config(options=None, device="cuda", dtype=None) -> dict:
     """The launch parameters for `device` and input `dtype` (CONFIG_GPU on CUDA, with CONFIG_GPU_FP32 for fp32
     inputs, else CONFIG_INTERPRET) with `options` (some of their keys) on top; ValueError naming an unknown
     key or a bad value (the model checks its `attn_kernel` config with this at start-up)."""
-    return _config(torch.device(device), options, dtype)
+    return dict(_config(torch.device(device), options, dtype))
 
 
 def _bounds(cu_seqlens, B: int, T: int) -> tuple:
@@ -677,55 +703,103 @@ def _bounds(cu_seqlens, B: int, T: int) -> tuple:
 
 
 def _select(q, k, chunk_size, topk, bounds, cfg):
-    """Chunk means + top-k selection: (NC, tables, sel [B, T, H, topk-1] int32 global ids or None)."""
+    """Chunk means + top-k selection: (NC, tables, sel [B, T, H, topk-1] int32 global ids or None, and the
+    pairs' bucket keys, flat int32, or None)."""
     B, T, H, D = q.shape
     NC, ch_start, ch_end, ch_first, tok_chunk = _chunk_tables(T, chunk_size, bounds, q.device)
     K1 = topk - 1
     BD = max(16, triton.next_power_of_2(D))
-    sel = None
+    sel = keys = None
     if K1 > 0:
         means = torch.empty(B * H, NC, D, device=q.device, dtype=torch.float32)
         _chunk_means_kernel[(NC, B * H)](k, means, ch_start, ch_end, T, H, NC, D=D, BD=BD, BN=cfg["means_bn"],
                                          num_warps=cfg["means_warps"])
         sel = torch.empty(B, T, H, K1, device=q.device, dtype=torch.int32)
+        keys = torch.empty(B * T * H * K1, device=q.device, dtype=torch.int32)
         KP = max(2, triton.next_power_of_2(K1))
-        _select_kernel[(triton.cdiv(T, cfg["sel_bm"]), B * H)](q, means, tok_chunk, ch_first, sel, T, H, NC, D=D,
+        _select_kernel[(triton.cdiv(T, cfg["sel_bm"]), B * H)](q, means, tok_chunk, ch_first, sel, keys, T, H, NC, D=D,
                                                                BD=BD, K1=K1, KP=KP, BM=cfg["sel_bm"],
                                                                BG=cfg["sel_bg"], SEL_PREC=cfg["sel_prec"],
                                                                num_warps=cfg["sel_warps"])
-    return NC, (ch_start, ch_end, ch_first, tok_chunk), sel
+    return NC, (ch_start, ch_end, ch_first, tok_chunk), sel, keys
 
 
-def _invert(sel, H: int, NC: int):
-    """Sort the (query, slot) pairs by (batch*head, chunk): perm [B*T*H*K1] int32, offs [B*H*NC + 1] int32."""
-    B, T, _, K1 = sel.shape
-    n_buckets = B * H * NC
-    bh = (torch.arange(B, device=sel.device, dtype=torch.int32)[:, None] * H
-          + torch.arange(H, device=sel.device, dtype=torch.int32)[None, :]).view(B, 1, H, 1)
-    keys = torch.where(sel >= 0, bh * NC + sel, n_buckets).flatten()
+def _invert(keys, n_buckets: int):
+    """Sort the (query, slot) pairs by bucket (batch*head, chunk; `keys` from `_select_kernel`, n_buckets for
+    an empty slot): perm [B*T*H*K1] int32 (stable, so queries ascend in each bucket), offs [n_buckets + 1] int32."""
     sorted_keys, perm = torch.sort(keys, stable=True)
-    offs = torch.searchsorted(sorted_keys, torch.arange(n_buckets + 1, device=sel.device, dtype=keys.dtype))
-    return perm.to(torch.int32), offs.to(torch.int32)
+    offs = torch.searchsorted(sorted_keys, _arange(n_buckets + 1, keys.device), out_int32=True)
+    return perm.to(torch.int32), offs
 
 
-def _work_table(offs, BM: int, n_pairs: int, at_least_one: bool = False):
+_ARANGE_CACHE: dict = {}
+
+
+def _arange(n: int, device) -> torch.Tensor:
+    """torch.arange(n) as int32 on `device`, kept between calls (one launch less per call)."""
+    key = (n, str(device))
+    hit = _ARANGE_CACHE.get(key)
+    if hit is None:
+        if len(_ARANGE_CACHE) > 16:
+            _ARANGE_CACHE.clear()
+        hit = _ARANGE_CACHE[key] = torch.arange(n, device=device, dtype=torch.int32)
+    return hit
+
+
+@triton.jit
+def _block_scan_kernel(OFFS, FIRST, n_buckets, BM: tl.constexpr, AT_LEAST_ONE: tl.constexpr, BLOCK: tl.constexpr):
+    """FIRST[u] = number of BM-entry blocks in the buckets before u, for u = 0 .. n_buckets (one program)."""
+    tl.store(FIRST, 0)
+    carry = 0
+    for u0 in range(0, n_buckets, BLOCK):
+        u = u0 + tl.arange(0, BLOCK)
+        m = u < n_buckets
+        count = tl.load(OFFS + u + 1, mask=m, other=0) - tl.load(OFFS + u, mask=m, other=0)
+        n_blocks = (count + BM - 1) // BM
+        if AT_LEAST_ONE:
+            n_blocks = tl.where(m, tl.maximum(n_blocks, 1), 0)
+        tl.store(FIRST + 1 + u, carry + tl.cumsum(n_blocks, 0), mask=m)
+        carry += tl.sum(n_blocks, 0)
+
+
+@triton.jit
+def _fill_work_kernel(OFFS, FIRST, WB, WS, n_buckets, n_items, BM: tl.constexpr, BLOCK: tl.constexpr):
+    """Program u < n_buckets writes the work items of bucket u (bucket id, first entry); the last program
+    marks the surplus items after them with bucket -1."""
+    u = tl.program_id(0)
+    if u < n_buckets:
+        first = tl.load(FIRST + u)
+        n_blocks = tl.load(FIRST + u + 1) - first
+        lo = tl.load(OFFS + u)
+        for j0 in range(0, n_blocks, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            m = j < n_blocks
+            tl.store(WB + first + j, tl.zeros([BLOCK], dtype=tl.int32) + u, mask=m)
+            tl.store(WS + first + j, lo + j * BM, mask=m)
+    else:
+        for w0 in range(tl.load(FIRST + n_buckets), n_items, BLOCK):
+            w = w0 + tl.arange(0, BLOCK)
+            m = w < n_items
+            tl.store(WB + w, tl.full([BLOCK], -1, dtype=tl.int32), mask=m)
+            tl.store(WS + w, tl.zeros([BLOCK], dtype=tl.int32), mask=m)
+
+
+def _work_table(offs, BM: int, n_pairs: int, at_least_one: bool = False, first: bool = False):
     """Cut every bucket into blocks of BM pairs: (bucket or -1, first pair) per work item; no host sync.
 
-    The grid is an upper bound (ceil(n_pairs / BM) + n_buckets items); surplus items get bucket -1.
-    With `at_least_one`, empty buckets still get one (empty) item."""
+    The grid is an upper bound (ceil(n_pairs / BM) + n_buckets items); surplus items get bucket -1, after
+    the others, which are in bucket order. With `at_least_one`, empty buckets still get one (empty) item.
+    With `first`, also the first item of every bucket and, last, the number of items in use [n_buckets + 1].
+    Two launches (`_block_scan_kernel`, `_fill_work_kernel`): the host time of the torch ops this took
+    before left the GPU idle at the start of the forward."""
     n_buckets = offs.numel() - 1
-    counts = (offs[1:] - offs[:-1]).to(torch.int64)
-    n_blocks = (counts + BM - 1) // BM
-    if at_least_one:
-        n_blocks = n_blocks.clamp_min(1)
-    cum = torch.cumsum(n_blocks, 0)
     n_items = triton.cdiv(n_pairs, BM) + n_buckets
-    w = torch.arange(n_items, device=offs.device, dtype=torch.int64)
-    bucket = torch.searchsorted(cum, w, right=True)
-    valid = bucket < n_buckets
-    bc = bucket.clamp(max=n_buckets - 1)
-    start = offs[bc].to(torch.int64) + (w - (cum[bc] - n_blocks[bc])) * BM
-    return torch.where(valid, bucket, -1).to(torch.int32), torch.where(valid, start, 0).to(torch.int32), n_items
+    firsts = torch.empty(n_buckets + 1, device=offs.device, dtype=torch.int32)
+    wb = torch.empty(n_items, device=offs.device, dtype=torch.int32)
+    ws = torch.empty(n_items, device=offs.device, dtype=torch.int32)
+    _block_scan_kernel[(1,)](offs, firsts, n_buckets, BM=BM, AT_LEAST_ONE=at_least_one, BLOCK=1024)
+    _fill_work_kernel[(n_buckets + 1,)](offs, firsts, wb, ws, n_buckets, n_items, BM=BM, BLOCK=256)
+    return (wb, ws, n_items, firsts) if first else (wb, ws, n_items)
 
 
 def _use_gluon_dkdv(cfg, q) -> bool:
@@ -752,14 +826,14 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
     scale = 1.0 / math.sqrt(D)
     scale2 = scale * LOG2E
     prec = _dot_prec(q.dtype)
-    NC, (ch_start, ch_end, ch_first, tok_chunk), sel = _select(q, k, chunk_size, topk, bounds, cfg)
+    NC, (ch_start, ch_end, ch_first, tok_chunk), sel, keys = _select(q, k, chunk_size, topk, bounds, cfg)
     n_pairs = B * T * H * K1
     dummy_i = torch.empty(1, device=q.device, dtype=torch.int32)
     dummy_f = torch.empty(1, device=q.device, dtype=torch.float32)
     if K1 > 0:
         if n_pairs >= 2**31:
             raise ValueError(f"B*T*H*(topk-1) = {n_pairs} exceeds the int32 pair index")
-        perm, offs = _invert(sel, H, NC)
+        perm, offs = _invert(keys, B * H * NC)
         wb, ws, n_items = _work_table(offs, cfg["past_bm"], n_pairs)
         op = torch.empty(n_pairs, D, device=q.device, dtype=torch.float32)
         lsep = torch.empty(n_pairs, device=q.device, dtype=torch.float32)
@@ -769,16 +843,20 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
                                      num_warps=cfg["past_warps"], num_stages=cfg["past_stages"])
     else:
         sel, perm, offs, op, lsep = dummy_i, dummy_i, dummy_i, dummy_f, dummy_f
+        wb = ws = dummy_i
+        n_items = 0
     o = torch.empty_like(q)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
     _own_fwd_kernel[(triton.cdiv(T, cfg["fwd_bm"]), B * H)](q, k, v, o, lse, op, lsep, sel, tok_chunk, ch_start, T,
                                                             scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["fwd_bm"],
                                                             BN=cfg["fwd_bn"], DOT_PREC=prec,
                                                             num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
-    return o, lse, sel, perm, offs, NC, (ch_start, ch_end, ch_first, tok_chunk)
+    return o, lse, sel, perm, offs, NC, (ch_start, ch_end, ch_first, tok_chunk), (wb, ws, n_items)
 
 
-def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk, cfg):
+def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk, cfg, past_work):
+    """dq, dk, dv. past_work: the forward's work table (blocks of past_bm pairs), reused for dQ of the past
+    chunks when dqp_bm is the same."""
     B, T, H, D = q.shape
     K1 = topk - 1
     BD = max(16, triton.next_power_of_2(D))
@@ -804,8 +882,9 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         wb = ws = offs
         grid = (B * H * NC * nkb,)
     if _use_gluon_dkdv(cfg, q):
-        gluon_dkdv.dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, ch_start, ch_end, NC, chunk_size, K1, scale,
-                              scale2)
+        work = _work_table(offs, gluon_dkdv.BM, B * T * H * K1, first=True) if K1 > 0 else None
+        gluon_dkdv.dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_end, NC, chunk_size, K1,
+                              scale, scale2)
     else:
         _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC,
                                nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"],
@@ -818,7 +897,8 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
     n_pairs = B * T * H * K1
     if K1 > 0:
         dqp = torch.empty(n_pairs, D, device=q.device, dtype=torch.float32)
-        wb, ws, n_items = _work_table(offs, cfg["dqp_bm"], n_pairs)
+        same = cfg["dqp_bm"] == cfg["past_bm"]
+        wb, ws, n_items = past_work if same else _work_table(offs, cfg["dqp_bm"], n_pairs)
         _bwd_dq_past_kernel[(n_items,)](q, k, v, do, lse, delta, dqp, perm, offs, wb, ws, ch_start, ch_end, T, H, NC,
                                         scale, scale2, K1=K1, D=D, BD=BD, BM=cfg["dqp_bm"], BN=cfg["dqp_bn"],
                                         DOT_PREC=prec, num_warps=cfg["dqp_warps"], num_stages=cfg["dqp_stages"])
@@ -836,16 +916,17 @@ class _SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, chunk_size, topk, bounds, cfg):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse, sel, perm, offs, NC, tables = _forward(q, k, v, chunk_size, topk, bounds, cfg)
-        ctx.save_for_backward(q, k, v, o, lse, sel, perm, offs, *tables)
-        ctx.meta = (chunk_size, topk, NC, cfg)
+        o, lse, sel, perm, offs, NC, tables, (wb, ws, n_items) = _forward(q, k, v, chunk_size, topk, bounds, cfg)
+        ctx.save_for_backward(q, k, v, o, lse, sel, perm, offs, wb, ws, *tables)
+        ctx.meta = (chunk_size, topk, NC, cfg, n_items)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, sel, perm, offs, *tables = ctx.saved_tensors
-        chunk_size, topk, NC, cfg = ctx.meta
-        dq, dk, dv = _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk, cfg)
+        q, k, v, o, lse, sel, perm, offs, wb, ws, *tables = ctx.saved_tensors
+        chunk_size, topk, NC, cfg, n_items = ctx.meta
+        dq, dk, dv = _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk, cfg,
+                               (wb, ws, n_items))
         return dq, dk, dv, None, None, None, None
 
 
@@ -887,7 +968,7 @@ def prepare_selection(q, k, chunk_size: int, topk: int, cu_seqlens=None, *, conf
     bounds = _bounds(cu_seqlens, B, T)
     cfg = _config(q.device, config)
     with torch.no_grad():
-        NC, tables, sel = _select(q.contiguous(), k.contiguous(), chunk_size, topk, bounds, cfg)
+        NC, tables, sel, _ = _select(q.contiguous(), k.contiguous(), chunk_size, topk, bounds, cfg)
     return sel, tables[3], NC
 
 
