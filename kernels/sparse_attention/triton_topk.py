@@ -95,8 +95,8 @@ CONFIG_GPU = {
     "dkdv_split": 0,
     # dK/dV kernel: "triton" (_bwd_dkdv_kernel) or "gluon" (gluon_dkdv: the same sums, bitwise, with the
     # products issued asynchronously; Hopper, bf16/fp16, head size 64, Triton 3.6, not with dq_atomic or
-    # dkdv_split). H200, 64K tokens, chunk 2048, topk 3: 6.95 vs 8.07 ms, fwd+bwd 16.2 vs 17.0 ms
-    # (docs/benchmarks.md, session 8). "auto": gluon where it can run, else triton.
+    # dkdv_split). H200, 64K tokens, chunk 2048, topk 3: fwd+bwd 15.3 vs 16.7 ms (docs/benchmarks.md,
+    # session 9). "auto": gluon where it can run, else triton.
     "dkdv_impl": "auto",
 }
 # fp32 inputs on a GPU (exact fp32 products, twice the bytes per tile): the default dK/dV tiles would need
