@@ -322,7 +322,8 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
     types = {**dict.fromkeys(["MEANS", "OP", "LSEP", "LSE", "DELTA", "LSE_G", "DELTA_G", "DQP", "DQACC"], f32),
              **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL", "KEYS",
                               "FIRST", "TOKG"], i32),
-             **dict.fromkeys(["T", "H", "NC", "NKB", "BH", "n_buckets", "n_items"], "i32"), "scale": "fp32", "scale2": "fp32",
+             **dict.fromkeys(["T", "H", "NC", "NKB", "BH", "n_buckets", "n_items"], "i32"),
+             "scale": "fp32", "scale2": "fp32",
              **dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"],
                              {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype])}
     H, K1, D = 16, topk - 1, 64
