@@ -206,15 +206,15 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
 
 
 @needs_kernels
-@pytest.mark.parametrize("at_least_one", [False, True])
-def test_work_table_cuts_every_bucket_into_blocks(at_least_one):
+@pytest.mark.parametrize("at_least_one, n_buckets", [(False, 37), (True, 37), (False, 1500)])
+def test_work_table_cuts_every_bucket_into_blocks(at_least_one, n_buckets):
     """The work table (two kernels) against a plain loop: every bucket cut in blocks of BM entries, in bucket
     order, empty buckets skipped (or given one empty block), the surplus of the upper-bound grid marked -1;
-    `first` is each bucket's first block."""
+    `first` is each bucket's first block (1500 buckets: the scan carries across its 1024-bucket blocks)."""
     from rwkvx_kernels.sparse_attention.triton_topk import _work_table
 
     gen = torch.Generator().manual_seed(3)
-    counts = torch.randint(0, 40, (37,), generator=gen)
+    counts = torch.randint(0, 40, (n_buckets,), generator=gen)
     counts[[0, 5, 6, 36]] = 0
     counts[9] = 200
     offs = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)

@@ -166,7 +166,7 @@ if gluon is not None:
         bh = pid % BH
         g = pid // BH // NKB
         kb = (pid // BH) % NKB
-        bfirst = 0  # the bucket's first tile in the bucket-ordered copies, and its number of tiles
+        bfirst = 0  # the bucket's first tile in the padded bucket-ordered table, and its number of tiles
         n_btiles = 0
         if K1 > 0:
             bfirst = gl.load(FIRST + bh * NC + g)
@@ -223,7 +223,7 @@ if gluon is not None:
                                         row_l)
                 _load_row_tile(i, i, off, valid, n_own, kstart, bfirst, n_tiles, cend, lse_row, delta_row, Q, DO,
                                LSE_G, DELTA_G, q_ring, do_ring, lse_ring, delta_ring, D, BM, ld_l, vec_l)
-            # the rows of the next tile to load, one iteration ahead (without copies their indices are loads)
+            # the rows of the next tile to load, one iteration ahead (their indices are loads)
             off, valid = _tile_rows(AHEAD, n_own, n_tiles, kstart, cend, bfirst, head, TOKG, H, D, BM, IDX64,
                                     row_l)
             dk = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, kv_l))

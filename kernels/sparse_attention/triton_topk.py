@@ -50,8 +50,8 @@ Saved for backward: q, k, v, o (input dtype), lse [BH, T] fp32, sel [B, T, H, to
 [B*T*H*(topk-1)] int32, offs [BH*NC + 1] int32, the forward's work table (2 int32 per past_bm pairs) and
 the chunk tables: per token and head 4*D*elem + 4 + 8*(topk-1) bytes (bf16, D=64, topk=3: 532 bytes;
 q/k/v/o alone are 512). Transient: the forward partials (o, lse) and the backward dQ partials, fp32
-[B*T*H*(topk-1), D + 1]-ish; with the Gluon dK/dV kernel the padded bucket-ordered rows (`gather_rows`,
-at chunks >= 512 copies of q and dO: 2*D*elem + 8 bytes per pair).
+[B*T*H*(topk-1), D + 1]-ish; with the Gluon dK/dV kernel its bucket-ordered row table (`gather_rows`:
+row index, lse and delta, 12 bytes per pair, buckets padded to whole 64-row tiles).
 
 Any chunk size >= 1 and any T work (tiles are masked); documents may be shorter than a chunk.
 """
