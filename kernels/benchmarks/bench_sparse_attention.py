@@ -319,10 +319,12 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
 
     compiler = Compiler(arch)
     f32, i32 = "*fp32", "*i32"
-    types = {**dict.fromkeys(["MEANS", "OP", "LSEP", "LSE", "DELTA", "LSE_G", "DELTA_G", "DQP", "DQACC"], f32),
+    types = {**dict.fromkeys(["MEANS", "OP", "LSEP", "LSE", "DELTA", "LSE_G", "DELTA_G", "DQP", "DQACC", "OWN",
+                                 "LSEOWN"], f32),
              **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL", "KEYS",
                               "FIRST", "TOKG"], i32),
-             **dict.fromkeys(["T", "H", "NC", "NKB", "BH", "n_buckets", "n_items"], "i32"),
+             **dict.fromkeys(["T", "H", "NC", "NKB", "BH", "n_buckets", "n_items",
+                              "n_rows"], "i32"),
              "scale": "fp32", "scale2": "fp32",
              **dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"],
                              {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype])}
@@ -339,8 +341,10 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
                                                  "BG": c["sel_bg"], "SEL_PREC": c["sel_prec"]}, c["sel_warps"], 3),
             ("past_fwd", S._past_fwd_kernel, "past", {**dot, "K1": K1, "EVEN_N": True, **tiles["past"]},
              c["past_warps"], c["past_stages"]),
-            ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "K1": K1, **tiles["fwd"]}, c["fwd_warps"],
-             c["fwd_stages"]),
+            ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "PARTIAL": K1 > 0, **tiles["fwd"]},
+             c["fwd_warps"], c["fwd_stages"]),
+            ("merge_fwd", S._merge_fwd_kernel, "merge", {"D": D, "BD": D, "K1": K1, "BM": c["merge_bm"]},
+             c["merge_warps"], 1),
             ("block_scan", S._block_scan_kernel, "scan", {"BM": c["past_bm"], "AT_LEAST_ONE": False, "BLOCK": 1024},
              4, 1),
             ("fill_work", S._fill_work_kernel, "fill", {"BM": c["past_bm"], "BLOCK": 256}, 4, 1),

@@ -80,6 +80,8 @@ CONFIG_GPU = {
     # own-chunk tiles of 64 query rows (spill-free; 128 rows: 11.7 vs 10.6 ms at 64K, chunk 128, topk 8)
     "fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 3,
     "past_bm": 128, "past_bn": 64, "past_warps": 4, "past_stages": 3,
+    # merge of the own-chunk result with the past partials: rows per program
+    "merge_bm": 64, "merge_warps": 4,
     "dkdv_bn": 128, "dkdv_bm": 128, "dkdv_warps": 8, "dkdv_stages": 3,
     "dq_bm": 64, "dq_bn": 32, "dq_warps": 4, "dq_stages": 3,
     "dqp_bm": 128, "dqp_bn": 32, "dqp_warps": 4, "dqp_stages": 3,
@@ -298,9 +300,13 @@ def _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, k_lo, k_hi, scale2, 
 
 
 @triton.jit
-def _own_fwd_kernel(Q, K, V, O, LSE, OP, LSEP, SEL, TOK_CHUNK, CH_START, T, scale2,
-                    H: tl.constexpr, K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+def _own_fwd_kernel(Q, K, V, O, LSE, T, scale2, TOK_CHUNK, CH_START,
+                    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    PARTIAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Causal attention inside each query's own chunk, per (query tile, head). PARTIAL (there are past
+    slots to merge): the normalised output goes to O as fp32 [B*T*H, D] and the log-sum-exp to LSE [B*T*H]
+    (`_merge_fwd_kernel` adds the past chunks); else O is the final output, LSE [BH, T]. It needs no
+    selection, so it runs first: the GPU works on it while the host issues the gating launches."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -330,8 +336,30 @@ def _own_fwd_kernel(Q, K, V, O, LSE, OP, LSEP, SEL, TOK_CHUNK, CH_START, T, scal
                                    H, D, BN, False, DOT_PREC)
     acc, l_i, m_i = _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, mid, hi, scale2, offs_d, dmask,
                                    H, D, BN, True, DOT_PREC)
-    # Log-sum-exp merge with the partial results of the selected past chunks.
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_i[:, None]
+    omask = rmask[:, None] & dmask[None, :]
+    if PARTIAL:
+        tl.store(O + tok[:, None] * D + offs_d[None, :], o, mask=omask)
+        tl.store(LSE + tok, m_i + tl.log2(l_i), mask=rmask)
+    else:
+        tl.store(O + tok[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=omask)
+        tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rmask)
+
+
+@triton.jit
+def _merge_fwd_kernel(O, LSE, OWN, LSEOWN, OP, LSEP, SEL, n_rows, T, H,
+                      K1: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    """Exact log-sum-exp merge of the own-chunk result with the partials of each row's selected slots, for
+    BM consecutive flat [B*T*H] rows: O (input dtype) and the total log-sum-exp (base 2) into LSE [BH, T]."""
+    tok = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = tok < n_rows
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    omask = rmask[:, None] & dmask[None, :]
+    acc = tl.load(OWN + tok[:, None] * D + offs_d[None, :], mask=omask, other=0.0)
+    m_i = tl.load(LSEOWN + tok, mask=rmask, other=0.0)
+    l_i = tl.full([BM], 1.0, dtype=tl.float32)
     for j in tl.static_range(K1):
         pidx = tok * K1 + j
         sj = tl.load(SEL + pidx, mask=rmask, other=-1)
@@ -345,8 +373,11 @@ def _own_fwd_kernel(Q, K, V, O, LSE, OP, LSEP, SEL, TOK_CHUNK, CH_START, T, scal
         l_i = l_i * alpha + beta
         m_i = m_new
     o = acc / l_i[:, None]
-    tl.store(O + tok[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-    tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rmask)
+    tl.store(O + tok[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=omask)
+    h = tok % H
+    bt = tok // H
+    row = ((bt // T) * H + h) * T + bt % T
+    tl.store(LSE + row, m_i + tl.log2(l_i), mask=rmask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -702,26 +733,22 @@ def _bounds(cu_seqlens, B: int, T: int) -> tuple:
     return tuple(_document_bounds(cu_seqlens, B, T))
 
 
-def _select(q, k, chunk_size, topk, bounds, cfg):
-    """Chunk means + top-k selection: (NC, tables, sel [B, T, H, topk-1] int32 global ids or None, and the
-    pairs' bucket keys, flat int32, or None)."""
+def _select(q, k, NC, tables, K1, cfg):
+    """Chunk means + top-K1 selection (K1 >= 1; tables from `_chunk_tables`): sel [B, T, H, K1] int32 global
+    chunk ids and the pairs' bucket keys, flat int32."""
     B, T, H, D = q.shape
-    NC, ch_start, ch_end, ch_first, tok_chunk = _chunk_tables(T, chunk_size, bounds, q.device)
-    K1 = topk - 1
+    ch_start, ch_end, ch_first, tok_chunk = tables
     BD = max(16, triton.next_power_of_2(D))
-    sel = keys = None
-    if K1 > 0:
-        means = torch.empty(B * H, NC, D, device=q.device, dtype=torch.float32)
-        _chunk_means_kernel[(NC, B * H)](k, means, ch_start, ch_end, T, H, NC, D=D, BD=BD, BN=cfg["means_bn"],
-                                         num_warps=cfg["means_warps"])
-        sel = torch.empty(B, T, H, K1, device=q.device, dtype=torch.int32)
-        keys = torch.empty(B * T * H * K1, device=q.device, dtype=torch.int32)
-        KP = max(2, triton.next_power_of_2(K1))
-        _select_kernel[(triton.cdiv(T, cfg["sel_bm"]), B * H)](q, means, tok_chunk, ch_first, sel, keys, T, H, NC, D=D,
-                                                               BD=BD, K1=K1, KP=KP, BM=cfg["sel_bm"],
-                                                               BG=cfg["sel_bg"], SEL_PREC=cfg["sel_prec"],
-                                                               num_warps=cfg["sel_warps"])
-    return NC, (ch_start, ch_end, ch_first, tok_chunk), sel, keys
+    means = torch.empty(B * H, NC, D, device=q.device, dtype=torch.float32)
+    _chunk_means_kernel[(NC, B * H)](k, means, ch_start, ch_end, T, H, NC, D=D, BD=BD, BN=cfg["means_bn"],
+                                     num_warps=cfg["means_warps"])
+    sel = torch.empty(B, T, H, K1, device=q.device, dtype=torch.int32)
+    keys = torch.empty(B * T * H * K1, device=q.device, dtype=torch.int32)
+    KP = max(2, triton.next_power_of_2(K1))
+    _select_kernel[(triton.cdiv(T, cfg["sel_bm"]), B * H)](q, means, tok_chunk, ch_first, sel, keys, T, H, NC, D=D,
+                                                           BD=BD, K1=K1, KP=KP, BM=cfg["sel_bm"], BG=cfg["sel_bg"],
+                                                           SEL_PREC=cfg["sel_prec"], num_warps=cfg["sel_warps"])
+    return sel, keys
 
 
 def _invert(keys, n_buckets: int):
@@ -826,32 +853,41 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
     scale = 1.0 / math.sqrt(D)
     scale2 = scale * LOG2E
     prec = _dot_prec(q.dtype)
-    NC, (ch_start, ch_end, ch_first, tok_chunk), sel, keys = _select(q, k, chunk_size, topk, bounds, cfg)
-    n_pairs = B * T * H * K1
-    dummy_i = torch.empty(1, device=q.device, dtype=torch.int32)
-    dummy_f = torch.empty(1, device=q.device, dtype=torch.float32)
-    if K1 > 0:
-        if n_pairs >= 2**31:
-            raise ValueError(f"B*T*H*(topk-1) = {n_pairs} exceeds the int32 pair index")
-        perm, offs = _invert(keys, B * H * NC)
-        wb, ws, n_items = _work_table(offs, cfg["past_bm"], n_pairs)
-        op = torch.empty(n_pairs, D, device=q.device, dtype=torch.float32)
-        lsep = torch.empty(n_pairs, device=q.device, dtype=torch.float32)
-        _past_fwd_kernel[(n_items,)](q, k, v, op, lsep, perm, offs, wb, ws, ch_start, ch_end, T, H, NC, scale2,
-                                     K1=K1, D=D, BD=BD, BM=cfg["past_bm"], BN=cfg["past_bn"],
-                                     EVEN_N=(chunk_size % cfg["past_bn"] == 0), DOT_PREC=prec,
-                                     num_warps=cfg["past_warps"], num_stages=cfg["past_stages"])
-    else:
-        sel, perm, offs, op, lsep = dummy_i, dummy_i, dummy_i, dummy_f, dummy_f
-        wb = ws = dummy_i
-        n_items = 0
+    NC, ch_start, ch_end, ch_first, tok_chunk = _chunk_tables(T, chunk_size, bounds, q.device)
     o = torch.empty_like(q)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
-    _own_fwd_kernel[(triton.cdiv(T, cfg["fwd_bm"]), B * H)](q, k, v, o, lse, op, lsep, sel, tok_chunk, ch_start, T,
-                                                            scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["fwd_bm"],
-                                                            BN=cfg["fwd_bn"], DOT_PREC=prec,
+    partial = K1 > 0
+    if partial:  # own-chunk result in fp32, merged with the past chunks' partials at the end
+        own_o = torch.empty(B * T * H, D, device=q.device, dtype=torch.float32)
+        own_lse = torch.empty(B * T * H, device=q.device, dtype=torch.float32)
+    else:
+        own_o, own_lse = o, lse
+    # First, as it needs no selection: the GPU runs it while the host issues the gating launches below.
+    _own_fwd_kernel[(triton.cdiv(T, cfg["fwd_bm"]), B * H)](q, k, v, own_o, own_lse, T, scale2, tok_chunk, ch_start,
+                                                            H=H, D=D, BD=BD, BM=cfg["fwd_bm"], BN=cfg["fwd_bn"],
+                                                            PARTIAL=partial, DOT_PREC=prec,
                                                             num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
-    return o, lse, sel, perm, offs, NC, (ch_start, ch_end, ch_first, tok_chunk), (wb, ws, n_items)
+    tables = (ch_start, ch_end, ch_first, tok_chunk)
+    if not partial:
+        dummy = torch.empty(1, device=q.device, dtype=torch.int32)
+        return o, lse, dummy, dummy, dummy, NC, tables, (dummy, dummy, 0)
+    n_pairs = B * T * H * K1
+    if n_pairs >= 2**31:
+        raise ValueError(f"B*T*H*(topk-1) = {n_pairs} exceeds the int32 pair index")
+    sel, keys = _select(q, k, NC, tables, K1, cfg)
+    perm, offs = _invert(keys, B * H * NC)
+    wb, ws, n_items = _work_table(offs, cfg["past_bm"], n_pairs)
+    op = torch.empty(n_pairs, D, device=q.device, dtype=torch.float32)
+    lsep = torch.empty(n_pairs, device=q.device, dtype=torch.float32)
+    _past_fwd_kernel[(n_items,)](q, k, v, op, lsep, perm, offs, wb, ws, ch_start, ch_end, T, H, NC, scale2,
+                                 K1=K1, D=D, BD=BD, BM=cfg["past_bm"], BN=cfg["past_bn"],
+                                 EVEN_N=(chunk_size % cfg["past_bn"] == 0), DOT_PREC=prec,
+                                 num_warps=cfg["past_warps"], num_stages=cfg["past_stages"])
+    n_rows = B * T * H
+    _merge_fwd_kernel[(triton.cdiv(n_rows, cfg["merge_bm"]),)](o, lse, own_o, own_lse, op, lsep, sel, n_rows, T, H,
+                                                              K1=K1, D=D, BD=BD, BM=cfg["merge_bm"],
+                                                              num_warps=cfg["merge_warps"])
+    return o, lse, sel, perm, offs, NC, tables, (wb, ws, n_items)
 
 
 def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk, cfg, past_work):
@@ -967,8 +1003,11 @@ def prepare_selection(q, k, chunk_size: int, topk: int, cu_seqlens=None, *, conf
     B, T, H, D = q.shape
     bounds = _bounds(cu_seqlens, B, T)
     cfg = _config(q.device, config)
+    NC, *tables = _chunk_tables(T, chunk_size, bounds, q.device)
+    if topk == 1:
+        return None, tables[3], NC
     with torch.no_grad():
-        NC, tables, sel, _ = _select(q.contiguous(), k.contiguous(), chunk_size, topk, bounds, cfg)
+        sel, _ = _select(q.contiguous(), k.contiguous(), NC, tables, topk - 1, cfg)
     return sel, tables[3], NC
 
 
