@@ -17,7 +17,9 @@ Every shape is T:H:chunk:topk (B = 1, head size 64, bf16 unless --dtype). On ide
 - the relative error (norm of difference / norm of reference) of the output and of dq, dk, dv
   against the float64 `sparse_attention_naive` on the first --ref-heads heads (T <= --ref-max-T);
   the "err" column is the largest of the four.
-Times are CUDA-event medians of --iters runs after --warmup; "peak" is torch.cuda.max_memory_allocated
+Times are CUDA-event medians of --iters runs after --warmup, each from an idle GPU (host work up to the first
+launch included); --host-ahead-ms adds fwd+bwd with the host ahead of the GPU, as in a training step
+(`timing.cuda_time_ms`). "peak" is torch.cuda.max_memory_allocated
 during fwd+bwd (inputs included). Finally, decode: per-token time of ChunkedKVCache.step at each
 --decode context length (H=16, chunk 2048, topk 3 unless --decode-shape).
 """
@@ -49,9 +51,10 @@ def is_oom(e):
 
 
 
-def measure(name, fwd, iters, warmup, do, keep_result=True):
+def measure(name, fwd, iters, warmup, do, keep_result=True, host_ahead_ms=0.0):
     """fwd: () -> (output, inputs tuple). Returns dict with fwd ms, fwd+bwd ms, peak GiB (and the output and
-    grads of the first call when keep_result)."""
+    grads of the first call when keep_result); with host_ahead_ms > 0 also fwd+bwd ms with the host ahead
+    of the GPU (`timing.cuda_time_ms`)."""
     row = {"method": name}
     try:
         def fwd_only():
@@ -73,6 +76,8 @@ def measure(name, fwd, iters, warmup, do, keep_result=True):
         del out, grads
         row["fwd"] = cuda_time_ms(fwd_only, iters, warmup)
         row["fwdbwd"] = cuda_time_ms(fwd_bwd, iters, warmup)
+        if host_ahead_ms > 0:
+            row["ahead"] = cuda_time_ms(fwd_bwd, iters, 1, host_ahead_ms=host_ahead_ms)
         row["peak"] = torch.cuda.max_memory_allocated() / 2**30
     except Exception as e:  # noqa: BLE001
         row["error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -199,7 +204,8 @@ def bench_shape(T, H, cs, topk, args, dense_est):
         def fwd_ours(cfg=cfg):
             return sparse_attention(q, k, v, cs, topk, config=cfg or None), (q, k, v)
 
-        rows.append(measure(name, fwd_ours, args.iters, args.warmup, do, keep_result=T <= args.ref_max_T))
+        rows.append(measure(name, fwd_ours, args.iters, args.warmup, do, keep_result=T <= args.ref_max_T,
+                            host_ahead_ms=args.host_ahead_ms))
         rows[-1]["config"] = cfg
     assert last_backend() == "triton", last_backend()
     if T in args.profile_T:
@@ -217,7 +223,7 @@ def bench_shape(T, H, cs, topk, args, dense_est):
                 return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh)
 
         dense_iters, dense_warm = (args.iters, args.warmup) if T <= 65536 else (max(1, args.iters // 2), 1)
-        row = measure("sdpa", fwd_sdpa, dense_iters, dense_warm, doh)
+        row = measure("sdpa", fwd_sdpa, dense_iters, dense_warm, doh, host_ahead_ms=args.host_ahead_ms)
         row.pop("result", None)  # dense attention is a different function: no error column
         if "fwdbwd" in row:
             dense_est["T"], dense_est["ms"] = T, row["fwdbwd"]
@@ -227,7 +233,7 @@ def bench_shape(T, H, cs, topk, args, dense_est):
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh)
 
-            row = measure("sdpa_cudnn", fwd_cudnn, dense_iters, dense_warm, doh)
+            row = measure("sdpa_cudnn", fwd_cudnn, dense_iters, dense_warm, doh, host_ahead_ms=args.host_ahead_ms)
             row.pop("result", None)
             rows.append(row)
     else:
@@ -253,7 +259,8 @@ def bench_shape(T, H, cs, topk, args, dense_est):
             def fwd_flex():
                 return flex(qh, kh, vh, block_mask=block_mask), (qh, kh, vh)
 
-            row = measure("flex", fwd_flex, args.iters, args.warmup, doh, keep_result=T <= args.ref_max_T)
+            row = measure("flex", fwd_flex, args.iters, args.warmup, doh, keep_result=T <= args.ref_max_T,
+                          host_ahead_ms=args.host_ahead_ms)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row = {"method": "flex", "error": "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:100]}"}
@@ -386,6 +393,9 @@ def main(argv=None):
     p.add_argument("--flex-T", nargs="*", type=int, default=[65536], help="T values at which to run FlexAttention")
     p.add_argument("--ref-max-T", type=int, default=65536, help="longest T for the float64 reference")
     p.add_argument("--ref-heads", type=int, default=1)
+    p.add_argument("--host-ahead-ms", type=float, default=0.0,
+                   help="also time fwd+bwd with the GPU kept busy this long first (a sleep kernel) while the host "
+                        "issues the call, as in training where the host runs ahead: column 'ahead ms'")
     p.add_argument("--profile-T", nargs="*", type=int, default=[], help="T values at which to print per-kernel times")
     p.add_argument("--skew", type=float, default=0.0,
                    help="add this (norm) along one direction to q and to chunk 0's keys: every query picks chunk 0")
@@ -437,8 +447,9 @@ def main(argv=None):
                 print(f"decode ctx={ctx}: {'OOM' if is_oom(e) else repr(e)}", flush=True)
 
     print("\n" + "=" * 100)
+    ahead = args.host_ahead_ms > 0
     print(f"{'shape':30s} {'method':10s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} {'x flex':>7s} "
-          f"{'peak GiB':>9s} {'err':>9s}  note")
+          f"{'peak GiB':>9s} {'err':>9s}" + (f" {'ahead ms':>9s} {'x sdpa':>7s}" if ahead else "") + "  note")
     by_shape = {}
     for row in table:
         by_shape.setdefault(row["shape"], []).append(row)
@@ -456,8 +467,12 @@ def main(argv=None):
                 note = (note + " x sdpa vs estimate").strip()
             if r["method"].startswith("ours") and ms and cudnn.get("fwdbwd"):
                 note = (note + f" {cudnn['fwdbwd'] / ms:.1f}x sdpa_cudnn").strip()
+            cols = ""
+            if ahead:
+                x_ahead = sdpa["ahead"] / r["ahead"] if r.get("ahead") and sdpa.get("ahead") and r is not sdpa else None
+                cols = f" {fmt(r.get('ahead')):>9s} {fmt(x_ahead, '.1f'):>7s}"
             print(f"{shape:30s} {r['method']:10s} {fmt(r.get('fwd')):>9s} {fmt(ms):>11s} {fmt(x_sdpa, '.1f'):>7s} "
-                  f"{fmt(x_flex, '.2f'):>7s} {fmt(r.get('peak')):>9s} {fmt(r.get('err'), '.1e'):>9s}  {note}")
+                  f"{fmt(x_flex, '.2f'):>7s} {fmt(r.get('peak')):>9s} {fmt(r.get('err'), '.1e'):>9s}{cols}  {note}")
     if decode_rows:
         base = decode_rows[0][1]
         for ctx, ms, mem in decode_rows:
