@@ -167,7 +167,8 @@ def test_bad_selection_config_is_refused():
 
     q = torch.zeros(1, 8, 1, 16)
     for bad in ({"sel_bg": 24}, {"sel_bg": 8}, {"sel_prec": "tf32"}, {"dkdv_bm": 48}, {"past_warps": 3},
-                {"dq_stages": 0}, {"dq_atomic": "yes"}, {"dkdv_split": -1}, {"dkdv_tile": 64}, {"dkdv_impl": "fast"}):
+                {"dq_stages": 0}, {"dq_atomic": "yes"}, {"dkdv_split": -1}, {"dkdv_tile": 64}, {"dkdv_impl": "fast"},
+                {"dq_in_dkdv": "yes"}):
         key = next(iter(bad))
         with pytest.raises(ValueError, match=key):
             chunk_selection_triton(q, q, 4, 2, config=bad)
@@ -236,7 +237,7 @@ def test_work_table_cuts_every_bucket_into_blocks(at_least_one, n_buckets):
 def test_gathered_rows_are_the_bucket_entries_in_padded_bucket_order():
     """`gluon_dkdv.gather_rows` (a Triton kernel, run on every machine) puts each bucket's entries in
     order in whole tiles of BM rows: their flat row indices, lse and delta; the rest of a bucket's last
-    tile has index -1."""
+    tile has index -1; and each pair's padded row is recorded for it."""
     from rwkvx_kernels.sparse_attention import gluon_dkdv
     from rwkvx_kernels.sparse_attention.triton_topk import _forward, _work_table, resolve_config
 
@@ -246,8 +247,8 @@ def test_gathered_rows_are_the_bucket_entries_in_padded_bucket_order():
     delta = torch.randn(B * H, T, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     K1, BM = topk - 1, gluon_dkdv.BM
     wb, ws, n_items, first = _work_table(offs, BM, perm.numel(), first=True)
-    tokg, lse_g, delta_g = (x.cpu() for x in gluon_dkdv.gather_rows(lse, delta, perm, offs, (wb, ws, n_items), T, H,
-                                                                     NC, K1))
+    tokg, lse_g, delta_g, rowpos = (x.cpu() for x in gluon_dkdv.gather_rows(lse, delta, perm, offs, (wb, ws, n_items),
+                                                                             T, H, NC, K1, positions=True))
     perm, offs, first = perm.long().cpu(), offs.long().cpu(), first.long().cpu()
     checked = 0
     for u in range(B * H * NC):
@@ -260,8 +261,29 @@ def test_gathered_rows_are_the_bucket_entries_in_padded_bucket_order():
         assert tokg[rows[:n]].tolist() == (((bh // H) * T + t) * H + bh % H).tolist()
         assert (tokg[rows[n:]] == -1).all()
         assert torch.equal(lse_g[rows[:n]], lse.cpu()[bh, t]) and torch.equal(delta_g[rows[:n]], delta.cpu()[bh, t])
+        assert rowpos[pairs].tolist() == rows[:n].tolist()
         checked += n
     assert checked == (sel >= 0).sum().item() > 0
+
+
+@needs_kernels
+def test_dq_sum_adds_the_own_part_and_each_filled_slot():
+    """`gluon_dkdv._dq_sum_kernel` (Triton, run on every machine): dQ of a row = its own-chunk part plus the
+    part at the padded row of each of its filled slots (empty slots, -1, add nothing), cast to the input dtype."""
+    from rwkvx_kernels.sparse_attention import gluon_dkdv
+
+    gen = torch.Generator().manual_seed(9)
+    n_rows, K1, D, R = 150, 3, 16, 700
+    dq_own = torch.randn(n_rows, D, generator=gen)
+    dq_g = torch.randn(R, D, generator=gen)
+    sel = torch.randint(0, 5, (n_rows, K1), generator=gen, dtype=torch.int32)
+    sel[torch.rand(n_rows, K1, generator=gen) < 0.3] = -1
+    rowpos = torch.randperm(R, generator=gen)[:n_rows * K1].to(torch.int32).view(n_rows, K1)
+    want = dq_own.double() + (dq_g.double()[rowpos.long()] * (sel >= 0).unsqueeze(-1)).sum(1)
+    dq = torch.empty(n_rows, D, dtype=torch.float16)
+    args = [x.to(DEVICE) for x in (dq_own, dq_g, rowpos.flatten(), sel.flatten(), dq)]
+    gluon_dkdv._dq_sum_kernel[(-(-n_rows // 64),)](*args, n_rows, K1=K1, D=D, BM=64)
+    assert rel_err(args[-1].cpu().double(), want) < 1e-3
 
 
 def test_fp32_inputs_get_dkdv_tiles_that_fit_shared_memory():
@@ -420,6 +442,31 @@ def test_gpu_gluon_dkdv_matches_float64_and_the_triton_kernel(dtype, B, T, cs, c
     assert_close(gluon, want, 1e-2)
     for name, got, ref in zip(("dk", "dv"), gluon[2:], triton_[2:]):
         assert rel_err(got, ref) <= 1e-3, (name, rel_err(got, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gluon_reason() is not None, reason=str(_gluon_reason()))
+@pytest.mark.parametrize("dtype, B, T, cs, topk, cu_seqlens", [
+    (torch.bfloat16, 2, 3000, 128, 8, None),
+    (torch.float16, 1, 5000, 64, 4, [0, 1000, 1001, 3500, 5000]),
+    (torch.bfloat16, 1, 4100, 128, 2, [0, 100, 4100]),
+])
+def test_gpu_dq_inside_the_gluon_dkdv_kernel_matches_float64_and_the_dq_kernels(dtype, B, T, cs, topk, cu_seqlens):
+    """Chunks of at most 128 tokens: the Gluon dK/dV kernel also forms dQ (`dq_in_dkdv`). Against float64 on
+    fresh inputs (T not a multiple of the chunk, packed documents, a document shorter than a chunk, fp16 and
+    bf16) and against the separate dQ kernels; dK, dV are bitwise those of the unfused kernel."""
+    H, D = 2, 64
+    q, k, v, upstream = random_qkv(B, T, H, D, seed=91 + T)
+    q, k, v, upstream = (x.to(dtype).double() for x in (q, k, v, upstream))
+    sizes = dict(chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens)
+    fused = output_and_grads(sparse_attention_triton, q, k, v, upstream, dtype, "cuda", config={"dq_in_dkdv": True},
+                             **sizes)
+    apart = output_and_grads(sparse_attention_triton, q, k, v, upstream, dtype, "cuda", config={"dq_in_dkdv": False},
+                             **sizes)
+    want = output_and_grads(sparse_attention_naive, q, k, v, upstream, torch.float64, "cuda", **sizes)
+    assert_close(fused, want, 1e-2)
+    assert fused[0].equal(apart[0]) and fused[2].equal(apart[2]) and fused[3].equal(apart[3])
+    assert rel_err(fused[1], apart[1]) <= 5e-3, rel_err(fused[1], apart[1])
 
 
 @pytest.mark.gpu

@@ -327,9 +327,9 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
     compiler = Compiler(arch)
     f32, i32 = "*fp32", "*i32"
     types = {**dict.fromkeys(["MEANS", "OP", "LSEP", "LSE", "DELTA", "LSE_G", "DELTA_G", "DQP", "DQACC", "OWN",
-                                 "LSEOWN"], f32),
+                                 "LSEOWN", "DQ_OWN", "DQ_G"], f32),
              **dict.fromkeys(["PERM", "OFFS", "WB", "WS", "CH_START", "CH_END", "CH_FIRST", "TOK_CHUNK", "SEL", "KEYS",
-                              "FIRST", "TOKG"], i32),
+                              "FIRST", "TOKG", "ROWPOS"], i32),
              **dict.fromkeys(["T", "H", "NC", "NKB", "BH", "n_buckets", "n_items",
                               "n_rows"], "i32"),
              "scale": "fp32", "scale2": "fp32",
@@ -370,8 +370,13 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
         if G.triton_unsupported_reason() is None and dtype != "float32" and c["dkdv_impl"] != "triton":
             consts = {"H": H, "K1": K1, "D": D, "BM": G.BM, "BN": G.BN, "STAGES": G.STAGES, "IDX64": False,
                       "num_warps": G.WARPS}
-            kernels.append(("dkdv_gluon", G._dkdv_gluon_kernel, "dkdv_impl", consts, G.WARPS, 1))
-        kernels.append(("gather_rows", G._gather_rows_kernel, "gather", {"H": H, "K1": K1, "BM": G.BM}, 4, 1))
+            kernels.append(("dkdv_gluon", G._dkdv_gluon_kernel, "dkdv_impl", {**consts, "FUSE_DQ": False}, G.WARPS, 1))
+            if c["dq_in_dkdv"]:
+                kernels.append(("dkdv_gluon with dQ", G._dkdv_gluon_kernel, "dq_in_dkdv", {**consts, "FUSE_DQ": True},
+                                G.WARPS, 1))
+        kernels.append(("gather_rows", G._gather_rows_kernel, "gather", {"H": H, "K1": K1, "BM": G.BM, "POS": True},
+                        4, 1))
+        kernels.append(("dq_sum", G._dq_sum_kernel, "dq_sum", {"K1": K1, "D": D, "BM": 64}, 4, 1))
         for name, fn, prefix, consts, warps, stages in kernels:
             launch = " ".join(f"{k}={v}" for k, v in c.items() if k.startswith(prefix + "_"))
             compiler.build(fn, {k: v for k, v in types.items() if k not in consts}, consts, warps,

@@ -19,6 +19,10 @@ chunk) go by cp.async into a 4-stage ring, two tiles ahead. `gather_rows` first 
 padded bucket order (whole tiles of BM rows, padding after its end): the rows' indices, lse and delta,
 so that the loop finds a bucket tile's rows with one index load, no division and no bucket-end mask.
 
+Chunks of at most BN tokens (`can_fuse_dq`): one program then covers a whole chunk, so it also forms
+dQ = dS K of every row tile, complete there (dS^T goes through shared memory; the warpgroups split D),
+and the backward needs no dQ pass over the past chunks (`dq_in_dkdv`, `_dq_sum_kernel` adds the parts).
+
 Only for bf16/fp16 inputs with head size 64 on compute capability 9.x, and Triton 3.6 (Gluon is an
 experimental API that changes between releases); no CPU interpreter support (the Triton kernel is the
 reference the tests compare it with, besides float64).
@@ -80,10 +84,11 @@ def unsupported_reason(device, dtype, head_size: int) -> str | None:
 
 
 @triton.jit
-def _gather_rows_kernel(LSE, DELTA, PERM, OFFS, WB, WS, TOKG, LSE_G, DELTA_G, T, NC, H: tl.constexpr,
-                        K1: tl.constexpr, BM: tl.constexpr):
+def _gather_rows_kernel(LSE, DELTA, PERM, OFFS, WB, WS, TOKG, LSE_G, DELTA_G, ROWPOS, T, NC, H: tl.constexpr,
+                        K1: tl.constexpr, BM: tl.constexpr, POS: tl.constexpr):
     """Work item w (a block of up to BM entries of one bucket) -> padded rows w*BM .. w*BM+BM-1 in bucket
-    order: the selecting queries' flat [B*T*H] row indices (-1 after the bucket's end), lse and delta."""
+    order: the selecting queries' flat [B*T*H] row indices (-1 after the bucket's end), lse and delta; with
+    POS also ROWPOS[pair] = the pair's padded row."""
     w = tl.program_id(0)
     bucket = tl.load(WB + w)
     if bucket >= 0:
@@ -96,11 +101,14 @@ def _gather_rows_kernel(LSE, DELTA, PERM, OFFS, WB, WS, TOKG, LSE_G, DELTA_G, T,
         tl.store(TOKG + rows, tl.where(valid, ((bh // H) * T + t) * H + bh % H, -1))
         tl.store(LSE_G + rows, tl.load(LSE + bh * T + t, mask=valid, other=0.0))
         tl.store(DELTA_G + rows, tl.load(DELTA + bh * T + t, mask=valid, other=0.0))
+        if POS:
+            tl.store(ROWPOS + pair, rows.to(tl.int32), mask=valid)
 
 
-def gather_rows(lse, delta, perm, offs, work, T: int, H: int, NC: int, K1: int):
+def gather_rows(lse, delta, perm, offs, work, T: int, H: int, NC: int, K1: int, positions: bool = False):
     """The bucket entries in padded bucket order (work item w of `work` fills rows w*BM .. w*BM+BM-1):
-    (tokg [R] int32 flat row indices, -1 for padding; lse_g, delta_g [R] fp32), by `_gather_rows_kernel`.
+    (tokg [R] int32 flat row indices, -1 for padding; lse_g, delta_g [R] fp32), by `_gather_rows_kernel`;
+    with `positions` also rowpos [pairs] int32, each (query, slot) pair's padded row.
 
     The kernel then reads a bucket tile's rows through one index load, without the division and masks
     that finding them through `perm` takes. Copies of the q, dO rows in this order (no index at all) were
@@ -110,8 +118,26 @@ def gather_rows(lse, delta, perm, offs, work, T: int, H: int, NC: int, K1: int):
     tokg = torch.empty(R, device=lse.device, dtype=torch.int32)
     lse_g = lse.new_empty(R)
     delta_g = lse.new_empty(R)
-    _gather_rows_kernel[(n_items,)](lse, delta, perm, offs, wb, ws, tokg, lse_g, delta_g, T, NC, H=H, K1=K1, BM=BM)
-    return tokg, lse_g, delta_g
+    rowpos = torch.empty(perm.numel() if positions else 1, device=lse.device, dtype=torch.int32)
+    _gather_rows_kernel[(n_items,)](lse, delta, perm, offs, wb, ws, tokg, lse_g, delta_g, rowpos, T, NC, H=H, K1=K1,
+                                    BM=BM, POS=positions)
+    return (tokg, lse_g, delta_g, rowpos) if positions else (tokg, lse_g, delta_g)
+
+
+@triton.jit
+def _dq_sum_kernel(DQ_OWN, DQ_G, ROWPOS, SEL, DQ, n_rows, K1: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
+    """dQ of BM flat [B*T*H] rows: the own-chunk part plus the part of each filled slot, which the fused
+    dK/dV kernel left at the pair's padded row of DQ_G; cast to the input dtype."""
+    tok = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = tok < n_rows
+    dd = tl.arange(0, D)
+    acc = tl.load(DQ_OWN + tok[:, None] * D + dd[None, :], mask=rmask[:, None], other=0.0)
+    for j in tl.static_range(K1):
+        pidx = tok * K1 + j
+        valid = rmask & (tl.load(SEL + pidx, mask=rmask, other=-1) >= 0)
+        pos = tl.load(ROWPOS + pidx, mask=valid, other=0).to(tl.int64)
+        acc += tl.load(DQ_G + pos[:, None] * D + dd[None, :], mask=valid[:, None], other=0.0)
+    tl.store(DQ + tok[:, None] * D + dd[None, :], acc.to(DQ.dtype.element_ty), mask=rmask[:, None])
 
 
 if gluon is not None:
@@ -157,10 +183,14 @@ if gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
-    def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, TOKG, LSE_G, DELTA_G, DK, DV, FIRST, CH_START, CH_END, T, NC, NKB,
-                           BH, scale, scale2, H: gl.constexpr, K1: gl.constexpr, D: gl.constexpr, BM: gl.constexpr,
-                           BN: gl.constexpr, STAGES: gl.constexpr, IDX64: gl.constexpr, num_warps: gl.constexpr):
-        """dK, dV of one block of BN keys of one chunk; program order as `_bwd_dkdv_kernel` (SPLIT 0)."""
+    def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, TOKG, LSE_G, DELTA_G, DK, DV, DQ_OWN, DQ_G, FIRST, CH_START,
+                           CH_END, T, NC, NKB, BH, scale, scale2, H: gl.constexpr, K1: gl.constexpr, D: gl.constexpr,
+                           BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, IDX64: gl.constexpr,
+                           FUSE_DQ: gl.constexpr, num_warps: gl.constexpr):
+        """dK, dV of one block of BN keys of one chunk; program order as `_bwd_dkdv_kernel` (SPLIT 0).
+
+        FUSE_DQ (the whole chunk is this one key block): also dQ = dS K of every row tile, complete here:
+        own-chunk rows into DQ_OWN [B*T*H, D], bucket rows into DQ_G at their padded rows (fp32, scaled)."""
         gl.static_assert(BN == 16 * num_warps)
         pid = gl.program_id(0)
         bh = pid % BH
@@ -208,6 +238,15 @@ if gluon is not None:
             do_ring = gl.allocate_shared_memory(dt, [STAGES, BM, D], tile_s)
             lse_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BM], vec_s)
             delta_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BM], vec_s)
+            if FUSE_DQ:
+                # dQ [queries, D] = dS K: one warpgroup's 64 query rows, the two warpgroups split D
+                dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // 2, 2],
+                                                               instr_shape=[16, D // 2, 16])
+                ds_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BM], dt)
+                ds_smem = gl.allocate_shared_memory(dt, [BN, BM], ds_s)
+                zero_q = gl.zeros([BM, D], gl.float32, dq_l)
+                dq_r = gl.arange(0, BM, gl.SliceLayout(1, dq_l))
+                dq_d = gl.arange(0, D, gl.SliceLayout(0, dq_l))
 
             n_own = gl.cdiv(cend - kstart, BM)
             n_diag = gl.cdiv(BN, BM)  # own-chunk tiles that reach into the key block: causal mask
@@ -251,8 +290,25 @@ if gluon is not None:
                     pt = gl.where((kstart + i * BM + offs_c)[None, :] >= cols[:, None], pt, 0.0)
                 dv = warpgroup_mma(gl.convert_layout(pt.to(dt), op_l), dos, dv, is_async=True)
                 dpt = warpgroup_mma_wait(1, deps=(dpt, ))
-                dst = pt * (dpt - delta[None, :])
-                dk = warpgroup_mma(gl.convert_layout(dst.to(dt), op_l), qs, dk, is_async=True)
+                dst = (pt * (dpt - delta[None, :])).to(dt)
+                if FUSE_DQ:
+                    ds_smem.store(dst)
+                    fence_async_shared()
+                    gl.thread_barrier()  # all of dS^T stored (the last tile's dQ read it before the loop's barrier)
+                    dqt = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, zero_q, use_acc=False, is_async=True)
+                    dk = warpgroup_mma(gl.convert_layout(dst, op_l), qs, dk, is_async=True)
+                    dqt = warpgroup_mma_wait(1, deps=(dqt, ))
+                    own = i < n_own
+                    row0 = gl.where(own, kstart + i * BM, (bfirst + i - n_own) * BM)
+                    if IDX64:
+                        rq = row0.to(gl.int64) + dq_r
+                    else:
+                        rq = row0 + dq_r
+                    dq_ptr = gl.where(own, DQ_OWN + head + rq * (H * D), DQ_G + rq * D)
+                    dq_mask = dq_r < gl.where(own, cend - row0, BM)
+                    gl.store(dq_ptr[:, None] + dq_d[None, :], dqt * scale, mask=dq_mask[:, None])
+                else:
+                    dk = warpgroup_mma(gl.convert_layout(dst, op_l), qs, dk, is_async=True)
             dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
             async_copy.wait_group(0)
             kr2 = kstart + gl.arange(0, BN, gl.SliceLayout(1, kv_l))
@@ -265,18 +321,37 @@ if gluon is not None:
             gl.store(DV + off2, dv.to(dt), mask=(kr2 < cend)[:, None])
 
 
+def can_fuse_dq(chunk_size: int, K1: int) -> bool:
+    """Whether the kernel can also form dQ: one program then covers a whole chunk, so every row tile's
+    dQ = dS K is complete in it (no atomics), and the past chunks need no dQ pass of their own."""
+    return chunk_size <= BN and K1 > 0
+
+
 def dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_end, NC: int, chunk_size: int, K1: int,
-               scale: float, scale2: float):
+               scale: float, scale2: float, dq=None, sel=None):
     """Write dK, dV (input dtype) of the sparse attention backward into dk, dv; arguments as
     `triton_topk._backward` has them, which checks `unsupported_reason` first. work: (wb, ws, n_items, first),
-    the buckets cut in blocks of BM entries (`triton_topk._work_table(..., first=True)`; None when K1 == 0)."""
+    the buckets cut in blocks of BM entries (`triton_topk._work_table(..., first=True)`; None when K1 == 0).
+    With `dq` (and the forward's `sel`; only where `can_fuse_dq`) also dQ, written there: the own-chunk and
+    per-slot parts from this kernel, added by `_dq_sum_kernel`."""
     B, T, H, D = q.shape
+    fuse = dq is not None
     if K1 > 0:
         wb, ws, n_items, first = work
-        tokg, lse_g, delta_g = gather_rows(lse, delta, perm, offs, (wb, ws, n_items), T, H, NC, K1)
+        tokg, lse_g, delta_g, *rowpos = gather_rows(lse, delta, perm, offs, (wb, ws, n_items), T, H, NC, K1,
+                                                    positions=fuse)
     else:
         tokg, lse_g, delta_g, first = offs, lse, delta, offs
+    if fuse:
+        dq_own = torch.empty(q.numel(), device=q.device, dtype=torch.float32)
+        dq_g = torch.empty(tokg.numel(), D, device=q.device, dtype=torch.float32)
+    else:
+        dq_own = dq_g = lse
     nkb = triton.cdiv(chunk_size, BN)
-    _dkdv_gluon_kernel[(B * H * NC * nkb,)](q, k, v, do, lse, delta, tokg, lse_g, delta_g, dk, dv, first, ch_start,
-                                            ch_end, T, NC, nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BM=BM, BN=BN,
-                                            STAGES=STAGES, IDX64=q.numel() >= 2**31, num_warps=WARPS)
+    idx64 = max(q.numel(), dq_g.numel()) >= 2**31
+    _dkdv_gluon_kernel[(B * H * NC * nkb,)](q, k, v, do, lse, delta, tokg, lse_g, delta_g, dk, dv, dq_own, dq_g, first,
+                                            ch_start, ch_end, T, NC, nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BM=BM,
+                                            BN=BN, STAGES=STAGES, IDX64=idx64, FUSE_DQ=fuse, num_warps=WARPS)
+    if fuse:
+        n_rows = B * T * H
+        _dq_sum_kernel[(triton.cdiv(n_rows, 64),)](dq_own, dq_g, rowpos[0], sel, dq, n_rows, K1=K1, D=D, BM=64)

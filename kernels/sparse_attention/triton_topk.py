@@ -37,7 +37,8 @@ Backward (exact; recomputes probabilities from the stored log-sum-exp):
   one program each, adding partial dK/dV atomically into fp32 buffers (bounds the longest program
   when one chunk is picked by very many queries). Tiles are [queries, keys], so k and v stay in
   shared memory as right-hand operands.
-  On Hopper (bf16/fp16, head size 64) `gluon_dkdv` runs the same sums instead (config `dkdv_impl`).
+  On Hopper (bf16/fp16, head size 64) `gluon_dkdv` runs the same sums instead (config `dkdv_impl`); for
+  chunks of at most 128 tokens it also forms dQ, and the two dQ kernels below do not run (`dq_in_dkdv`).
 - `_bwd_dq_past_kernel`: per work item, dQ contribution of the selected chunk -> per (query, slot).
 - `_bwd_dq_own_kernel`: per (query tile, head): own-chunk dQ plus the slot partials.
   Config `dq_atomic=True` replaces these two: the dK/dV kernel also computes dS K for every tile and
@@ -100,6 +101,9 @@ CONFIG_GPU = {
     # dkdv_split). H200, 64K tokens, chunk 2048, topk 3: fwd+bwd 15.3 vs 16.7 ms (docs/benchmarks.md,
     # session 9). "auto": gluon where it can run, else triton.
     "dkdv_impl": "auto",
+    # dQ inside the Gluon dK/dV kernel where one program covers a whole chunk (chunk size <= 128, topk >= 2):
+    # no dQ recomputation pass for the past chunks (`gluon_dkdv.can_fuse_dq`); False: the two dQ kernels.
+    "dq_in_dkdv": True,
 }
 # fp32 inputs on a GPU (exact fp32 products, twice the bytes per tile): the default dK/dV tiles would need
 # 264 KB of shared memory (the H100/H200 limit is 227 KB) and fail to launch; these take 74 KB
@@ -707,8 +711,9 @@ def _check_config(device: torch.device, config, dtype=None) -> dict:
             raise ValueError(f"sparse attention config {key} must be an integer >= 1, got {val!r}")
     if cfg["sel_prec"] not in ("tf32x3", "ieee"):
         raise ValueError(f"sparse attention config sel_prec must be 'tf32x3' or 'ieee', got {cfg['sel_prec']!r}")
-    if not isinstance(cfg["dq_atomic"], bool):
-        raise ValueError(f"sparse attention config dq_atomic must be true or false, got {cfg['dq_atomic']!r}")
+    for key in ("dq_atomic", "dq_in_dkdv"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"sparse attention config {key} must be true or false, got {cfg[key]!r}")
     if cfg["dkdv_impl"] not in ("auto", "triton", "gluon"):
         raise ValueError(f"sparse attention config dkdv_impl must be 'auto', 'triton' or 'gluon', "
                          f"got {cfg['dkdv_impl']!r}")
@@ -919,6 +924,11 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         grid = (B * H * NC * nkb,)
     if _use_gluon_dkdv(cfg, q):
         work = _work_table(offs, gluon_dkdv.BM, B * T * H * K1, first=True) if K1 > 0 else None
+        if cfg["dq_in_dkdv"] and gluon_dkdv.can_fuse_dq(chunk_size, K1):
+            dq = torch.empty_like(q)
+            gluon_dkdv.dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_end, NC, chunk_size,
+                                  K1, scale, scale2, dq=dq, sel=sel)
+            return dq, dk, dv
         gluon_dkdv.dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_end, NC, chunk_size, K1,
                               scale, scale2)
     else:
