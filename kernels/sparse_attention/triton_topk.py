@@ -52,7 +52,8 @@ Saved for backward: q, k, v, o (input dtype), lse [BH, T] fp32, sel [B, T, H, to
 the chunk tables: per token and head 4*D*elem + 4 + 8*(topk-1) bytes (bf16, D=64, topk=3: 532 bytes;
 q/k/v/o alone are 512). Transient: the forward partials (o, lse) and the backward dQ partials, fp32
 [B*T*H*(topk-1), D + 1]-ish; with the Gluon dK/dV kernel its bucket-ordered row table (`gather_rows`:
-row index, lse and delta, 12 bytes per pair, buckets padded to whole 64-row tiles).
+row index, lse and delta, 12 bytes per pair, buckets padded to whole 64-row tiles); with dQ formed there
+(`dq_in_dkdv`) fp32 dQ parts instead of the partials: the own part [B*T*H, D] and one row per padded entry.
 
 Any chunk size >= 1 and any T work (tiles are masked); documents may be shorter than a chunk.
 """
@@ -924,13 +925,11 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         grid = (B * H * NC * nkb,)
     if _use_gluon_dkdv(cfg, q):
         work = _work_table(offs, gluon_dkdv.BM, B * T * H * K1, first=True) if K1 > 0 else None
-        if cfg["dq_in_dkdv"] and gluon_dkdv.can_fuse_dq(chunk_size, K1):
-            dq = torch.empty_like(q)
-            gluon_dkdv.dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_end, NC, chunk_size,
-                                  K1, scale, scale2, dq=dq, sel=sel)
-            return dq, dk, dv
+        fused_dq = torch.empty_like(q) if cfg["dq_in_dkdv"] and gluon_dkdv.can_fuse_dq(chunk_size, K1) else None
         gluon_dkdv.dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_end, NC, chunk_size, K1,
-                              scale, scale2)
+                              scale, scale2, dq=fused_dq, sel=sel)
+        if fused_dq is not None:
+            return fused_dq, dk, dv
     else:
         _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, perm, offs, wb, ws, ch_start, ch_end, dqacc, T, NC,
                                nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BD=BD, BM=cfg["dkdv_bm"],
