@@ -209,7 +209,9 @@ def bench_shape(T, H, cs, topk, args, dense_est):
         rows[-1]["config"] = cfg
     assert last_backend() == "triton", last_backend()
     if T in args.profile_T:
-        profile_ours(q, k, v, do, cs, topk, args.configs[0])
+        for i, cfg in enumerate(args.configs):
+            print(f"== per kernel, ours[{i}] {json.dumps(cfg)}", flush=True)
+            profile_ours(q, k, v, do, cs, topk, cfg)
 
     # dense causal SDPA, flash backend, on [B, H, T, D] copies (transposes not timed)
     if T <= args.dense_max_T or T in args.flex_T:
@@ -401,7 +403,8 @@ def main(argv=None):
     p.add_argument("--host-ahead-ms", type=float, default=0.0,
                    help="also time fwd+bwd with the GPU kept busy this long first (a sleep kernel) while the host "
                         "issues the call, as in training where the host runs ahead: column 'ahead ms'")
-    p.add_argument("--profile-T", nargs="*", type=int, default=[], help="T values at which to print per-kernel times")
+    p.add_argument("--profile-T", nargs="*", type=int, default=[],
+                   help="T values at which to print per-kernel times (of each config)")
     p.add_argument("--skew", type=float, default=0.0,
                    help="add this (norm) along one direction to q and to chunk 0's keys: every query picks chunk 0")
     p.add_argument("--decode", nargs="*", type=int, default=[4096, 1048576], help="decode context lengths")
