@@ -295,6 +295,7 @@ if gluon is not None:
                     ds_smem.store(dst)
                     fence_async_shared()
                     gl.thread_barrier()  # all of dS^T stored (the last tile's dQ read it before the loop's barrier)
+                    # dK is issued in both branches; here after dQ, so waiting for all but one product waits for dQ
                     dqt = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, zero_q, use_acc=False, is_async=True)
                     dk = warpgroup_mma(gl.convert_layout(dst, op_l), qs, dk, is_async=True)
                     dqt = warpgroup_mma_wait(1, deps=(dqt, ))
