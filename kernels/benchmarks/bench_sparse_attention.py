@@ -370,12 +370,13 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
         from rwkvx_kernels.sparse_attention import gluon_dkdv as G
 
         if G.triton_unsupported_reason() is None and dtype != "float32" and c["dkdv_impl"] != "triton":
-            consts = {"H": H, "K1": K1, "D": D, "BM": G.BM, "BN": G.BN, "STAGES": G.STAGES, "IDX64": False,
-                      "num_warps": G.WARPS}
-            kernels.append(("dkdv_gluon", G._dkdv_gluon_kernel, "dkdv_impl", {**consts, "FUSE_DQ": False}, G.WARPS, 1))
+            consts = {"H": H, "K1": K1, "D": D, "BM": G.BM, "STAGES": G.STAGES, "IDX64": False}
+            kernels.append(("dkdv_gluon", G._dkdv_gluon_kernel, "dkdv_impl",
+                            {**consts, "BN": G.BN, "num_warps": G.WARPS, "FUSE_DQ": False}, G.WARPS, 1))
             if c["dq_in_dkdv"]:
-                kernels.append(("dkdv_gluon with dQ", G._dkdv_gluon_kernel, "dq_in_dkdv", {**consts, "FUSE_DQ": True},
-                                G.WARPS, 1))
+                kernels.append(("dkdv_gluon with dQ", G._dkdv_gluon_kernel, "dq_in_dkdv",
+                                {**consts, "BN": G.FUSED_BN, "num_warps": G.FUSED_WARPS, "FUSE_DQ": True},
+                                G.FUSED_WARPS, 1))
         kernels.append(("gather_rows", G._gather_rows_kernel, "gather", {"H": H, "K1": K1, "BM": G.BM, "POS": True},
                         4, 1))
         kernels.append(("dq_sum", G._dq_sum_kernel, "dq_sum", {"K1": K1, "D": D, "BM": 64}, 4, 1))

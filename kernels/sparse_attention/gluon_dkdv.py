@@ -1,27 +1,31 @@
 """The sparse attention dK/dV kernel in Gluon for Hopper (sm_90): the same work and summation order as
-`triton_topk._bwd_dkdv_kernel` (bitwise-identical dK, dV on an H200), 6.6 instead of 8.1 ms at 64K tokens,
-chunk 2048, topk 3 (docs/benchmarks.md, sessions 8 and 9).
+`triton_topk._bwd_dkdv_kernel` (bitwise-identical dK, dV on an H200), 5.4 instead of 8.1 ms at 64K tokens,
+chunk 2048, topk 3 (docs/benchmarks.md, sessions 8, 9 and 13).
 
 Why Gluon: Triton 3.6 waits for every warpgroup product whose result is used in the same iteration
 (`wgmma.wait_group 0`), so the exponentials of a tile never overlap the tensor cores. Gluon issues the
 products asynchronously and waits for exactly the one needed:
 
-    per row tile of BM queries, each warpgroup on its 64 of the program's 128 keys:
+    per row tile of BM queries, each warpgroup on 64 keys:
     S^T = K Q^T and dP^T = V dO^T issued together      (k, v in shared memory, q, dO tiles from a ring)
     wait S^T; P^T = exp2(S^T - lse)                    (while dP^T runs)
     dV += P^T dO issued                                (P^T from registers)
     wait dP^T; dS^T = P^T (dP^T - delta)               (while dV runs)
     dK += dS^T Q issued                                (stays in flight into the next tile)
 
+A program is one warpgroup on one block of 64 keys, so two programs share an SM and drift out of step:
+one's exponentials run beside the other's products. (Two warpgroups on 128 keys, kept in step by the
+ring's barrier, took 6.4 instead of 5.4 ms at 64K, chunk 2048: docs/benchmarks.md, session 13.)
 The [keys, queries] tiles keep P^T and dS^T in the registers where the dV, dK products read them (no
 shared-memory transpose). Row tiles (own-chunk queries, then the bucket of queries that selected the
 chunk) go by cp.async into a 4-stage ring, two tiles ahead. `gather_rows` first lays every bucket out in
 padded bucket order (whole tiles of BM rows, padding after its end): the rows' indices, lse and delta,
 so that the loop finds a bucket tile's rows with one index load, no division and no bucket-end mask.
 
-Chunks of at most BN tokens (`can_fuse_dq`): one program then covers a whole chunk, so it also forms
-dQ = dS K of every row tile, complete there (dS^T goes through shared memory; the warpgroups split D),
-and the backward needs no dQ pass over the past chunks (`dq_in_dkdv`, `_dq_sum_kernel` adds the parts).
+Chunks of at most FUSED_BN tokens (`can_fuse_dq`): one program of two warpgroups then covers a whole
+chunk, so it also forms dQ = dS K of every row tile, complete there (dS^T goes through shared memory;
+the warpgroups split D), and the backward needs no dQ pass over the past chunks (`dq_in_dkdv`,
+`_dq_sum_kernel` adds the parts).
 
 Only for bf16/fp16 inputs with head size 64 on compute capability 9.x, and Triton 3.6 (Gluon is an
 experimental API that changes between releases); no CPU interpreter support (the Triton kernel is the
@@ -49,10 +53,10 @@ else:
     _IMPORT_ERROR = None
 
 TESTED_TRITON = ("3.6.",)
-BN = 128  # keys per program: 64 per warpgroup
 BM = 64  # queries per row tile
 STAGES = 4  # ring of row tiles, loaded two ahead
-WARPS = 8
+BN, WARPS = 64, 4  # keys and warps per program (one warpgroup)
+FUSED_BN, FUSED_WARPS = 128, 8  # with dQ: the whole chunk, two warpgroups (they split D for dQ = dS K)
 
 
 def triton_unsupported_reason() -> str | None:
@@ -325,7 +329,7 @@ if gluon is not None:
 def can_fuse_dq(chunk_size: int, K1: int) -> bool:
     """Whether the kernel can also form dQ: one program then covers a whole chunk, so every row tile's
     dQ = dS K is complete in it (no atomics), and the past chunks need no dQ pass of their own."""
-    return chunk_size <= BN and K1 > 0
+    return chunk_size <= FUSED_BN and K1 > 0
 
 
 def dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_end, NC: int, chunk_size: int, K1: int,
@@ -348,11 +352,12 @@ def dkdv_gluon(q, k, v, do, lse, delta, dk, dv, perm, offs, work, ch_start, ch_e
         dq_g = torch.empty(tokg.numel(), D, device=q.device, dtype=torch.float32)
     else:
         dq_own = dq_g = lse
-    nkb = triton.cdiv(chunk_size, BN)
+    bn, warps = (FUSED_BN, FUSED_WARPS) if fuse else (BN, WARPS)
+    nkb = triton.cdiv(chunk_size, bn)
     idx64 = max(q.numel(), dq_g.numel()) >= 2**31
     _dkdv_gluon_kernel[(B * H * NC * nkb,)](q, k, v, do, lse, delta, tokg, lse_g, delta_g, dk, dv, dq_own, dq_g, first,
                                             ch_start, ch_end, T, NC, nkb, B * H, scale, scale2, H=H, K1=K1, D=D, BM=BM,
-                                            BN=BN, STAGES=STAGES, IDX64=idx64, FUSE_DQ=fuse, num_warps=WARPS)
+                                            BN=bn, STAGES=STAGES, IDX64=idx64, FUSE_DQ=fuse, num_warps=warps)
     if fuse:
         n_rows = B * T * H
         _dq_sum_kernel[(triton.cdiv(n_rows, 64),)](dq_own, dq_g, rowpos[0], sel, dq, n_rows, K1=K1, D=D, BM=64)
