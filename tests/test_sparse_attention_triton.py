@@ -168,7 +168,7 @@ def test_bad_selection_config_is_refused():
     q = torch.zeros(1, 8, 1, 16)
     for bad in ({"sel_bg": 24}, {"sel_bg": 8}, {"sel_prec": "tf32"}, {"dkdv_bm": 48}, {"past_warps": 3},
                 {"dq_stages": 0}, {"dq_atomic": "yes"}, {"dkdv_split": -1}, {"dkdv_tile": 64}, {"dkdv_impl": "fast"},
-                {"dq_in_dkdv": "yes"}):
+                {"dq_in_dkdv": "yes"}, {"past_maxnreg": 16}, {"past_maxnreg": True}):
         key = next(iter(bad))
         with pytest.raises(ValueError, match=key):
             chunk_selection_triton(q, q, 4, 2, config=bad)
@@ -413,6 +413,19 @@ def test_gpu_bf16_matches_float64(cu_seqlens):
     want = output_and_grads(sparse_attention_naive, q, k, v, upstream, torch.float64, "cuda",
                             chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens)
     assert_close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (and TRITON_INTERPRET unset)")
+def test_gpu_past_chunk_register_cap_leaves_the_output_bitwise_unchanged():
+    """`past_maxnreg` (three past-chunk programs per SM instead of two) changes only how registers are
+    allocated: the same products in the same order, so the same bits as without the cap."""
+    B, T, H, D, cs, topk = 1, 5000, 3, 64, 256, 4
+    q, k, v = (x.cuda().bfloat16() for x in random_qkv(B, T, H, D, seed=57)[:3])
+    capped = sparse_attention_triton(q, k, v, cs, topk, config={"past_maxnreg": 168})
+    uncapped = sparse_attention_triton(q, k, v, cs, topk, config={"past_maxnreg": 0})
+    assert torch.equal(capped, uncapped)
+    assert capped.isfinite().all() and capped.abs().max() > 0
 
 
 def _gluon_reason():

@@ -383,7 +383,7 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
         for name, fn, prefix, consts, warps, stages in kernels:
             launch = " ".join(f"{k}={v}" for k, v in c.items() if k.startswith(prefix + "_"))
             compiler.build(fn, {k: v for k, v in types.items() if k not in consts}, consts, warps,
-                           f"{tag}{name} {launch}", stages)
+                           f"{tag}{name} {launch}", stages, c.get(prefix + "_maxnreg", 0))
     compiler.finish()
 
 

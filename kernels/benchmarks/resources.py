@@ -62,7 +62,7 @@ class Compiler:
         self.target = GPUTarget("cuda", arch, 32)
         self.failures = 0
 
-    def build(self, fn, types, consts, num_warps, name, num_stages=3):
+    def build(self, fn, types, consts, num_warps, name, num_stages=3, maxnreg=0):
         """types: argument -> Triton type ("*fp32", "i32", ...); unlisted pointers are bf16 and a type of
         None makes the argument a constexpr None (an absent optional tensor).
 
@@ -88,8 +88,10 @@ class Compiler:
         src = source(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                      attrs=attrs)
         try:
-            compiled = triton.compile(src, target=self.target,
-                                      options={"num_warps": num_warps, "num_stages": num_stages})
+            options = {"num_warps": num_warps, "num_stages": num_stages}
+            if maxnreg:
+                options["maxnreg"] = maxnreg
+            compiled = triton.compile(src, target=self.target, options=options)
             print(f"ok    {name:58s} {ptxas_report(compiled)}")
         except Exception as e:  # noqa: BLE001
             self.failures += 1

@@ -82,6 +82,10 @@ CONFIG_GPU = {
     # own-chunk tiles of 64 query rows (spill-free; 128 rows: 11.7 vs 10.6 ms at 64K, chunk 128, topk 8)
     "fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 3,
     "past_bm": 128, "past_bn": 64, "past_warps": 4, "past_stages": 3,
+    # register cap of the past-chunk forward (0: none): 168 instead of 208 fits three programs per SM instead
+    # of two, at 24 B of spills; H200, 64K: 2.56 -> 2.50 ms at chunk 2048 topk 3, 1.80 -> 1.56 at chunk 128
+    # topk 8, bitwise the same output (docs/benchmarks.md, session 13)
+    "past_maxnreg": 168,
     # merge of the own-chunk result with the past partials: rows per program
     "merge_bm": 64, "merge_warps": 4,
     "dkdv_bn": 128, "dkdv_bm": 128, "dkdv_warps": 8, "dkdv_stages": 3,
@@ -112,7 +116,8 @@ CONFIG_GPU = {
 CONFIG_GPU_FP32 = {"dkdv_bn": 64, "dkdv_bm": 32, "dkdv_warps": 4}
 # The CPU interpreter: the same keys with 16-row tiles, one warp, no pipelining (tiny test shapes).
 CONFIG_INTERPRET = {
-    key: 16 if key.endswith(("_bm", "_bn", "_bg")) else 1 if key.endswith(("_warps", "_stages")) else val
+    key: 16 if key.endswith(("_bm", "_bn", "_bg")) else 1 if key.endswith(("_warps", "_stages"))
+    else 0 if key.endswith("_maxnreg") else val
     for key, val in CONFIG_GPU.items()
 }
 
@@ -710,6 +715,10 @@ def _check_config(device: torch.device, config, dtype=None) -> dict:
             raise ValueError(f"sparse attention config {key} must be a power of two >= 1, got {val!r}")
         if key.endswith("_stages") and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
             raise ValueError(f"sparse attention config {key} must be an integer >= 1, got {val!r}")
+        if key.endswith("_maxnreg") and (isinstance(val, bool) or not isinstance(val, int)
+                                         or not (val == 0 or 32 <= val <= 255)):
+            raise ValueError(f"sparse attention config {key} must be 0 (no cap) or an integer from 32 to 255, "
+                             f"got {val!r}")
     if cfg["sel_prec"] not in ("tf32x3", "ieee"):
         raise ValueError(f"sparse attention config sel_prec must be 'tf32x3' or 'ieee', got {cfg['sel_prec']!r}")
     for key in ("dq_atomic", "dq_in_dkdv"):
@@ -848,6 +857,11 @@ def _use_gluon_dkdv(cfg, q) -> bool:
     return reason is None
 
 
+def _maxnreg(cap: int) -> dict:
+    """Launch option capping registers per thread (0: none; the CPU interpreter takes no such option)."""
+    return {"maxnreg": cap} if cap else {}
+
+
 def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -888,7 +902,8 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
     _past_fwd_kernel[(n_items,)](q, k, v, op, lsep, perm, offs, wb, ws, ch_start, ch_end, T, H, NC, scale2,
                                  K1=K1, D=D, BD=BD, BM=cfg["past_bm"], BN=cfg["past_bn"],
                                  EVEN_N=(chunk_size % cfg["past_bn"] == 0), DOT_PREC=prec,
-                                 num_warps=cfg["past_warps"], num_stages=cfg["past_stages"])
+                                 num_warps=cfg["past_warps"], num_stages=cfg["past_stages"],
+                                 **_maxnreg(cfg["past_maxnreg"]))
     n_rows = B * T * H
     _merge_fwd_kernel[(triton.cdiv(n_rows, cfg["merge_bm"]),)](o, lse, own_o, own_lse, op, lsep, sel, n_rows, T, H,
                                                               K1=K1, D=D, BD=BD, BM=cfg["merge_bm"],
