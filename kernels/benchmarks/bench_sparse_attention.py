@@ -475,7 +475,9 @@ def main(argv=None):
             if r["method"] != "sdpa" and x_sdpa and "fwdbwd" not in sdpa:
                 note = (note + " x sdpa vs estimate").strip()
             if r["method"].startswith("ours") and ms and cudnn.get("fwdbwd"):
-                note = (note + f" {cudnn['fwdbwd'] / ms:.1f}x sdpa_cudnn").strip()
+                note = (note + f" {cudnn['fwdbwd'] / ms:.2f}x sdpa_cudnn").strip()
+                if r.get("ahead") and cudnn.get("ahead"):
+                    note += f" ({cudnn['ahead'] / r['ahead']:.2f}x with the host ahead)"
             cols = ""
             if ahead:
                 x_ahead = sdpa["ahead"] / r["ahead"] if r.get("ahead") and sdpa.get("ahead") and r is not sdpa else None
