@@ -80,17 +80,18 @@ CONFIG_GPU = {
     # units, about 7 ms there)
     "sel_bm": 64, "sel_warps": 4, "sel_bg": 32, "sel_prec": "tf32x3",
     # own-chunk tiles of 64 query rows (spill-free; 128 rows: 11.7 vs 10.6 ms at 64K, chunk 128, topk 8)
-    "fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 3,
+    "fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4, "fwd_stages": 3, "fwd_maxnreg": 0,
     "past_bm": 128, "past_bn": 64, "past_warps": 4, "past_stages": 3,
-    # register cap of the past-chunk forward (0: none): 168 instead of 208 fits three programs per SM instead
-    # of two, at 24 B of spills; H200, 64K: 2.56 -> 2.50 ms at chunk 2048 topk 3, 1.80 -> 1.56 at chunk 128
-    # topk 8, bitwise the same output (docs/benchmarks.md, session 13)
+    # register caps (*_maxnreg, 0: none). The past-chunk forward's: 168 instead of 208 fits three programs
+    # per SM instead of two, at 24 B of spills; H200, 64K: 2.56 -> 2.50 ms at chunk 2048 topk 3, 1.80 ->
+    # 1.56 at chunk 128 topk 8, bitwise the same output (docs/benchmarks.md, session 13)
     "past_maxnreg": 168,
     # merge of the own-chunk result with the past partials: rows per program
     "merge_bm": 64, "merge_warps": 4,
     "dkdv_bn": 128, "dkdv_bm": 128, "dkdv_warps": 8, "dkdv_stages": 3,
-    "dq_bm": 64, "dq_bn": 32, "dq_warps": 4, "dq_stages": 3,
-    "dqp_bm": 128, "dqp_bn": 32, "dqp_warps": 4, "dqp_stages": 3,
+    "dq_bm": 64, "dq_bn": 32, "dq_warps": 4, "dq_stages": 3, "dq_maxnreg": 0,
+    # past-chunk dQ: 163 registers, three programs per SM already; a cap of 128 was slower (session 13)
+    "dqp_bm": 128, "dqp_bn": 32, "dqp_warps": 4, "dqp_stages": 3, "dqp_maxnreg": 0,
     # dQ: False = recomputed per query (dq_past + dq_own kernels, deterministic);
     # True = atomically accumulated by the dK/dV kernel into an fp32 buffer (5 instead of 7 matmuls per
     # pair, non-deterministic sums). H200, fwd+bwd ms, default / dq_atomic: 64K chunk 2048 topk 3
@@ -886,7 +887,8 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
     _own_fwd_kernel[(triton.cdiv(T, cfg["fwd_bm"]), B * H)](q, k, v, own_o, own_lse, T, scale2, tok_chunk, ch_start,
                                                             H=H, D=D, BD=BD, BM=cfg["fwd_bm"], BN=cfg["fwd_bn"],
                                                             PARTIAL=partial, DOT_PREC=prec,
-                                                            num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+                                                            num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
+                                                            **_maxnreg(cfg["fwd_maxnreg"]))
     tables = (ch_start, ch_end, ch_first, tok_chunk)
     if not partial:
         dummy = torch.empty(1, device=q.device, dtype=torch.int32)
@@ -961,14 +963,16 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         wb, ws, n_items = past_work if same else _work_table(offs, cfg["dqp_bm"], n_pairs)
         _bwd_dq_past_kernel[(n_items,)](q, k, v, do, lse, delta, dqp, perm, offs, wb, ws, ch_start, ch_end, T, H, NC,
                                         scale, scale2, K1=K1, D=D, BD=BD, BM=cfg["dqp_bm"], BN=cfg["dqp_bn"],
-                                        DOT_PREC=prec, num_warps=cfg["dqp_warps"], num_stages=cfg["dqp_stages"])
+                                        DOT_PREC=prec, num_warps=cfg["dqp_warps"], num_stages=cfg["dqp_stages"],
+                                        **_maxnreg(cfg["dqp_maxnreg"]))
     else:
         dqp = torch.empty(1, device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
     _bwd_dq_own_kernel[(triton.cdiv(T, cfg["dq_bm"]), B * H)](q, k, v, do, lse, delta, dq, dqp, sel, tok_chunk,
                                                               ch_start, T, scale, scale2, H=H, K1=K1, D=D, BD=BD,
                                                               BM=cfg["dq_bm"], BN=cfg["dq_bn"], DOT_PREC=prec,
-                                                              num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+                                                              num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"],
+                                                              **_maxnreg(cfg["dq_maxnreg"]))
     return dq, dk, dv
 
 
