@@ -57,7 +57,8 @@ def assert_close(got, want, tol):
 
 def check_against_oracle(q, k, v, upstream, cu_seqlens=None, config=None, **sizes):
     if DEVICE == "cuda" and config:  # the tiny interpreter tiles are below tl.dot's minimum on GPUs
-        config = {key: val for key, val in config.items() if key in ("dq_atomic", "dkdv_split", "sel_prec")}
+        config = {key: val for key, val in config.items()
+                  if key in ("dq_atomic", "dkdv_split", "sel_prec", "partial_dtype")}
     got = output_and_grads(sparse_attention_triton, q, k, v, upstream, torch.float32, DEVICE,
                            cu_seqlens=cu_seqlens, config=config, **sizes)
     want = output_and_grads(sparse_attention_dense_mask, q, k, v, upstream, torch.float64,
@@ -168,7 +169,8 @@ def test_bad_selection_config_is_refused():
     q = torch.zeros(1, 8, 1, 16)
     for bad in ({"sel_bg": 24}, {"sel_bg": 8}, {"sel_prec": "tf32"}, {"dkdv_bm": 48}, {"past_warps": 3},
                 {"dq_stages": 0}, {"dq_atomic": "yes"}, {"dkdv_split": -1}, {"dkdv_tile": 64}, {"dkdv_impl": "fast"},
-                {"dq_in_dkdv": "yes"}, {"past_maxnreg": 16}, {"past_maxnreg": True}):
+                {"dq_in_dkdv": "yes"}, {"past_maxnreg": 16}, {"past_maxnreg": True},
+                {"partial_dtype": "bf16"}):
         key = next(iter(bad))
         with pytest.raises(ValueError, match=key):
             chunk_selection_triton(q, q, 4, 2, config=bad)
@@ -401,14 +403,17 @@ def test_decode_cache_grows_and_keeps_contents():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (and TRITON_INTERPRET unset)")
-@pytest.mark.parametrize("cu_seqlens", [None, [0, 3000, 3001, 8192]])
-def test_gpu_bf16_matches_float64(cu_seqlens):
+@pytest.mark.parametrize("cu_seqlens, config", [(None, None), ([0, 3000, 3001, 8192], None),
+                                                (None, {"partial_dtype": "input"}),
+                                                ([0, 3000, 3001, 8192], {"partial_dtype": "input"})])
+def test_gpu_bf16_matches_float64(cu_seqlens, config):
+    """bf16 within 1e-2 of float64, with the per-pair partials in fp32 and in bf16."""
     B, T, H, D, cs, topk = 1, 8192, 2, 64, 512, 3
     q, k, v, upstream = random_qkv(B, T, H, D, seed=51)
     # round to bf16 first so both sides see the same inputs
     q, k, v, upstream = (x.bfloat16().double() for x in (q, k, v, upstream))
     got = output_and_grads(sparse_attention, q, k, v, upstream, torch.bfloat16, "cuda",
-                           chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens)
+                           chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens, config=config)
     assert last_backend() == "triton"
     want = output_and_grads(sparse_attention_naive, q, k, v, upstream, torch.float64, "cuda",
                             chunk_size=cs, topk=topk, cu_seqlens=cu_seqlens)

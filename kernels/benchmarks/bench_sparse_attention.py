@@ -19,7 +19,8 @@ Every shape is T:H:chunk:topk (B = 1, head size 64, bf16 unless --dtype). On ide
   the "err" column is the largest of the four.
 Times are CUDA-event medians of --iters runs after --warmup, each from an idle GPU (host work up to the first
 launch included); --host-ahead-ms adds fwd+bwd with the host ahead of the GPU, as in a training step
-(`timing.cuda_time_ms`). "peak" is torch.cuda.max_memory_allocated
+(`timing.cuda_time_ms`); --steady adds fwd+bwd with the calls back to back, the GPU never idle
+(`timing.steady_time_ms`, the way `triton.testing.do_bench` times). "peak" is torch.cuda.max_memory_allocated
 during fwd+bwd (inputs included). Finally, decode: per-token time of ChunkedKVCache.step at each
 --decode context length (H=16, chunk 2048, topk 3 unless --decode-shape).
 """
@@ -33,7 +34,7 @@ import time
 import traceback
 
 import torch
-from rwkvx_kernels.benchmarks.timing import cuda_time_ms
+from rwkvx_kernels.benchmarks.timing import cuda_time_ms, steady_time_ms
 
 D = 64
 DEVICE = "cuda"  # the benchmark is meant for CUDA; tests may point it elsewhere
@@ -51,10 +52,10 @@ def is_oom(e):
 
 
 
-def measure(name, fwd, iters, warmup, do, keep_result=True, host_ahead_ms=0.0):
+def measure(name, fwd, iters, warmup, do, keep_result=True, host_ahead_ms=0.0, steady=False):
     """fwd: () -> (output, inputs tuple). Returns dict with fwd ms, fwd+bwd ms, peak GiB (and the output and
     grads of the first call when keep_result); with host_ahead_ms > 0 also fwd+bwd ms with the host ahead
-    of the GPU (`timing.cuda_time_ms`)."""
+    of the GPU (`timing.cuda_time_ms`), with steady also fwd+bwd ms back to back (`timing.steady_time_ms`)."""
     row = {"method": name}
     try:
         def fwd_only():
@@ -78,6 +79,8 @@ def measure(name, fwd, iters, warmup, do, keep_result=True, host_ahead_ms=0.0):
         row["fwdbwd"] = cuda_time_ms(fwd_bwd, iters, warmup)
         if host_ahead_ms > 0:
             row["ahead"] = cuda_time_ms(fwd_bwd, iters, 1, host_ahead_ms=host_ahead_ms)
+        if steady:
+            row["steady"] = steady_time_ms(fwd_bwd, iters, 1)
         row["peak"] = torch.cuda.max_memory_allocated() / 2**30
     except Exception as e:  # noqa: BLE001
         row["error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -205,7 +208,7 @@ def bench_shape(T, H, cs, topk, args, dense_est):
             return sparse_attention(q, k, v, cs, topk, config=cfg or None), (q, k, v)
 
         rows.append(measure(name, fwd_ours, args.iters, args.warmup, do, keep_result=T <= args.ref_max_T,
-                            host_ahead_ms=args.host_ahead_ms))
+                            host_ahead_ms=args.host_ahead_ms, steady=args.steady))
         rows[-1]["config"] = cfg
     assert last_backend() == "triton", last_backend()
     if T in args.profile_T:
@@ -225,7 +228,7 @@ def bench_shape(T, H, cs, topk, args, dense_est):
                 return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh)
 
         dense_iters, dense_warm = (args.iters, args.warmup) if T <= 65536 else (max(1, args.iters // 2), 1)
-        row = measure("sdpa", fwd_sdpa, dense_iters, dense_warm, doh, host_ahead_ms=args.host_ahead_ms)
+        row = measure("sdpa", fwd_sdpa, dense_iters, dense_warm, doh, host_ahead_ms=args.host_ahead_ms, steady=args.steady)
         row.pop("result", None)  # dense attention is a different function: no error column
         if "fwdbwd" in row:
             dense_est["T"], dense_est["ms"] = T, row["fwdbwd"]
@@ -235,7 +238,7 @@ def bench_shape(T, H, cs, topk, args, dense_est):
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh)
 
-            row = measure("sdpa_cudnn", fwd_cudnn, dense_iters, dense_warm, doh, host_ahead_ms=args.host_ahead_ms)
+            row = measure("sdpa_cudnn", fwd_cudnn, dense_iters, dense_warm, doh, host_ahead_ms=args.host_ahead_ms, steady=args.steady)
             row.pop("result", None)
             rows.append(row)
     else:
@@ -262,7 +265,7 @@ def bench_shape(T, H, cs, topk, args, dense_est):
                 return flex(qh, kh, vh, block_mask=block_mask), (qh, kh, vh)
 
             row = measure("flex", fwd_flex, args.iters, args.warmup, doh, keep_result=T <= args.ref_max_T,
-                          host_ahead_ms=args.host_ahead_ms)
+                          host_ahead_ms=args.host_ahead_ms, steady=args.steady)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row = {"method": "flex", "error": "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:100]}"}
@@ -341,6 +344,10 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
     kp = max(2, 1 << (K1 - 1).bit_length())
     for i, cfg in enumerate(configs):
         c = S.resolve_config(cfg, dtype=getattr(torch, dtype))
+        if c["partial_dtype"] == "input":
+            types.update(dict.fromkeys(["OP", "OWN", "DQP"], types["Q"]))
+        else:
+            types.update(dict.fromkeys(["OP", "OWN", "DQP"], f32))
         tag = f"[{i}] " if len(configs) > 1 else ""
         tiles = {p: {"BM": c.get(f"{p}_bm"), "BN": c.get(f"{p}_bn")} for p in ("past", "fwd", "dkdv", "dqp", "dq")}
         dot = {"DOT_PREC": "ieee" if dtype == "float32" else "tf32", "D": D, "BD": D}
@@ -404,6 +411,8 @@ def main(argv=None):
     p.add_argument("--host-ahead-ms", type=float, default=0.0,
                    help="also time fwd+bwd with the GPU kept busy this long first (a sleep kernel) while the host "
                         "issues the call, as in training where the host runs ahead: column 'ahead ms'")
+    p.add_argument("--steady", action="store_true",
+                   help="also time fwd+bwd with the calls back to back, the GPU never idle: column 'steady ms'")
     p.add_argument("--profile-T", nargs="*", type=int, default=[],
                    help="T values at which to print per-kernel times (of each config)")
     p.add_argument("--skew", type=float, default=0.0,
@@ -458,7 +467,8 @@ def main(argv=None):
     print("\n" + "=" * 100)
     ahead = args.host_ahead_ms > 0
     print(f"{'shape':30s} {'method':10s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} {'x flex':>7s} "
-          f"{'peak GiB':>9s} {'err':>9s}" + (f" {'ahead ms':>9s} {'x sdpa':>7s}" if ahead else "") + "  note")
+          f"{'peak GiB':>9s} {'err':>9s}" + (f" {'ahead ms':>9s} {'x sdpa':>7s}" if ahead else "")
+          + (f" {'steady ms':>9s} {'x sdpa':>7s}" if args.steady else "") + "  note")
     by_shape = {}
     for row in table:
         by_shape.setdefault(row["shape"], []).append(row)
@@ -478,10 +488,16 @@ def main(argv=None):
                 note = (note + f" {cudnn['fwdbwd'] / ms:.2f}x sdpa_cudnn").strip()
                 if r.get("ahead") and cudnn.get("ahead"):
                     note += f" ({cudnn['ahead'] / r['ahead']:.2f}x with the host ahead)"
+                if r.get("steady") and cudnn.get("steady"):
+                    note += f" ({cudnn['steady'] / r['steady']:.2f}x steady)"
             cols = ""
             if ahead:
                 x_ahead = sdpa["ahead"] / r["ahead"] if r.get("ahead") and sdpa.get("ahead") and r is not sdpa else None
                 cols = f" {fmt(r.get('ahead')):>9s} {fmt(x_ahead, '.1f'):>7s}"
+            if args.steady:
+                x_steady = (sdpa["steady"] / r["steady"] if r.get("steady") and sdpa.get("steady") and r is not sdpa
+                            else None)
+                cols += f" {fmt(r.get('steady')):>9s} {fmt(x_steady, '.1f'):>7s}"
             print(f"{shape:30s} {r['method']:10s} {fmt(r.get('fwd')):>9s} {fmt(ms):>11s} {fmt(x_sdpa, '.1f'):>7s} "
                   f"{fmt(x_flex, '.2f'):>7s} {fmt(r.get('peak')):>9s} {fmt(r.get('err'), '.1e'):>9s}{cols}  {note}")
     if decode_rows:

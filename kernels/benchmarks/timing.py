@@ -44,3 +44,21 @@ def cuda_time_ms(fn, iters: int, warmup: int = 3, host_ahead_ms: float = 0.0) ->
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def steady_time_ms(fn, iters: int, warmup: int = 3) -> float:
+    """Median time of `fn()` in milliseconds with the calls issued back to back (no sync between them).
+
+    After the first call the GPU never idles and the host issues each call while the GPU runs the one
+    before, as in a training loop (and as `triton.testing.do_bench` times, without its cache flush): the
+    time is the GPU's alone, under the card's sustained clocks, with no sleep kernel in between."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)

@@ -110,6 +110,13 @@ CONFIG_GPU = {
     # dQ inside the Gluon dK/dV kernel where one program covers a whole chunk (chunk size <= 128, topk >= 2):
     # no dQ recomputation pass for the past chunks (`gluon_dkdv.can_fuse_dq`); False: the two dQ kernels.
     "dq_in_dkdv": True,
+    # Per-pair partial results kept between kernels (own-chunk and past-chunk outputs before the merge,
+    # past-chunk dQ before the sum): "float32", or "input" (the input dtype: half the bytes, each partial
+    # rounded once more before the fp32 merge; output partials are convex combinations of v rows, so they
+    # stay in the input dtype's range). H200, 64K, fwd+bwd back to back: chunk 128 topk 8 7.58 -> 7.24 ms,
+    # chunk 2048 topk 3 14.18 -> 14.42 (with dqp_maxnreg 168; the bf16 stores cost the past-chunk kernels
+    # registers), error vs float64 at 8K 2.5e-3 -> 2.8e-3 (docs/benchmarks.md, session 14)
+    "partial_dtype": "float32",
 }
 # fp32 inputs on a GPU (exact fp32 products, twice the bytes per tile): the default dK/dV tiles would need
 # 264 KB of shared memory (the H100/H200 limit is 227 KB) and fail to launch; these take 74 KB
@@ -280,7 +287,7 @@ def _past_fwd_kernel(Q, K, V, OP, LSEP, PERM, OFFS, WB, WS, CH_START, CH_END, T,
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
     pair64 = pair.to(tl.int64)
-    tl.store(OP + pair64[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+    tl.store(OP + pair64[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     tl.store(LSEP + pair64, m_i + tl.log2(l_safe), mask=rmask)
 
 
@@ -315,7 +322,7 @@ def _own_fwd_kernel(Q, K, V, O, LSE, T, scale2, TOK_CHUNK, CH_START,
                     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     PARTIAL: tl.constexpr, DOT_PREC: tl.constexpr):
     """Causal attention inside each query's own chunk, per (query tile, head). PARTIAL (there are past
-    slots to merge): the normalised output goes to O as fp32 [B*T*H, D] and the log-sum-exp to LSE [B*T*H]
+    slots to merge): the normalised output goes to O [B*T*H, D] (fp32 or input dtype) and the log-sum-exp to LSE [B*T*H]
     (`_merge_fwd_kernel` adds the past chunks); else O is the final output, LSE [BH, T]. It needs no
     selection, so it runs first: the GPU works on it while the host issues the gating launches."""
     pid_m = tl.program_id(0)
@@ -351,7 +358,7 @@ def _own_fwd_kernel(Q, K, V, O, LSE, T, scale2, TOK_CHUNK, CH_START,
     o = acc / l_i[:, None]
     omask = rmask[:, None] & dmask[None, :]
     if PARTIAL:
-        tl.store(O + tok[:, None] * D + offs_d[None, :], o, mask=omask)
+        tl.store(O + tok[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=omask)
         tl.store(LSE + tok, m_i + tl.log2(l_i), mask=rmask)
     else:
         tl.store(O + tok[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=omask)
@@ -368,7 +375,7 @@ def _merge_fwd_kernel(O, LSE, OWN, LSEOWN, OP, LSEP, SEL, n_rows, T, H,
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
     omask = rmask[:, None] & dmask[None, :]
-    acc = tl.load(OWN + tok[:, None] * D + offs_d[None, :], mask=omask, other=0.0)
+    acc = tl.load(OWN + tok[:, None] * D + offs_d[None, :], mask=omask, other=0.0).to(tl.float32)
     m_i = tl.load(LSEOWN + tok, mask=rmask, other=0.0)
     l_i = tl.full([BM], 1.0, dtype=tl.float32)
     for j in tl.static_range(K1):
@@ -376,7 +383,8 @@ def _merge_fwd_kernel(O, LSE, OWN, LSEOWN, OP, LSEP, SEL, n_rows, T, H,
         sj = tl.load(SEL + pidx, mask=rmask, other=-1)
         valid = sj >= 0
         lse_j = tl.load(LSEP + pidx, mask=valid, other=float("-inf"))
-        o_j = tl.load(OP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+        o_j = tl.load(OP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                      other=0.0).to(tl.float32)
         m_new = tl.maximum(m_i, lse_j)
         alpha = tl.exp2(m_i - m_new)
         beta = tl.exp2(lse_j - m_new)
@@ -570,7 +578,7 @@ def _bwd_dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQP, PERM, OFFS, WB, WS, CH_STA
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)  # padded keys are zero: no mask needed
     pair64 = pair.to(tl.int64)
-    tl.store(DQP + pair64[:, None] * D + offs_d[None, :], dq * scale, mask=lmask)
+    tl.store(DQP + pair64[:, None] * D + offs_d[None, :], (dq * scale).to(DQP.dtype.element_ty), mask=lmask)
 
 
 @triton.jit
@@ -636,7 +644,8 @@ def _bwd_dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ, DQP, SEL, TOK_CHUNK, CH_STAR
         pidx = tok * K1 + j
         sj = tl.load(SEL + pidx, mask=rmask, other=-1)
         valid = sj >= 0
-        dq += tl.load(DQP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+        dq += tl.load(DQP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                      other=0.0).to(tl.float32)
     tl.store(DQ + tok[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=lmask)
 
 
@@ -725,6 +734,9 @@ def _check_config(device: torch.device, config, dtype=None) -> dict:
     for key in ("dq_atomic", "dq_in_dkdv"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"sparse attention config {key} must be true or false, got {cfg[key]!r}")
+    if cfg["partial_dtype"] not in ("float32", "input"):
+        raise ValueError(f"sparse attention config partial_dtype must be 'float32' or 'input', "
+                         f"got {cfg['partial_dtype']!r}")
     if cfg["dkdv_impl"] not in ("auto", "triton", "gluon"):
         raise ValueError(f"sparse attention config dkdv_impl must be 'auto', 'triton' or 'gluon', "
                          f"got {cfg['dkdv_impl']!r}")
@@ -863,6 +875,10 @@ def _maxnreg(cap: int) -> dict:
     return {"maxnreg": cap} if cap else {}
 
 
+def _partial_dtype(cfg, dtype):
+    return torch.float32 if cfg["partial_dtype"] == "float32" else dtype
+
+
 def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -878,8 +894,8 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
     o = torch.empty_like(q)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
     partial = K1 > 0
-    if partial:  # own-chunk result in fp32, merged with the past chunks' partials at the end
-        own_o = torch.empty(B * T * H, D, device=q.device, dtype=torch.float32)
+    if partial:  # own-chunk result (fp32 or the input dtype), merged with the past chunks' partials at the end
+        own_o = torch.empty(B * T * H, D, device=q.device, dtype=_partial_dtype(cfg, q.dtype))
         own_lse = torch.empty(B * T * H, device=q.device, dtype=torch.float32)
     else:
         own_o, own_lse = o, lse
@@ -899,7 +915,7 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
     sel, keys = _select(q, k, NC, tables, K1, cfg)
     perm, offs = _invert(keys, B * H * NC)
     wb, ws, n_items = _work_table(offs, cfg["past_bm"], n_pairs)
-    op = torch.empty(n_pairs, D, device=q.device, dtype=torch.float32)
+    op = torch.empty(n_pairs, D, device=q.device, dtype=_partial_dtype(cfg, q.dtype))
     lsep = torch.empty(n_pairs, device=q.device, dtype=torch.float32)
     _past_fwd_kernel[(n_items,)](q, k, v, op, lsep, perm, offs, wb, ws, ch_start, ch_end, T, H, NC, scale2,
                                  K1=K1, D=D, BD=BD, BM=cfg["past_bm"], BN=cfg["past_bn"],
@@ -958,7 +974,7 @@ def _backward(do, q, k, v, o, lse, sel, perm, offs, NC, tables, chunk_size, topk
         return dqacc.to(q.dtype), dk, dv
     n_pairs = B * T * H * K1
     if K1 > 0:
-        dqp = torch.empty(n_pairs, D, device=q.device, dtype=torch.float32)
+        dqp = torch.empty(n_pairs, D, device=q.device, dtype=_partial_dtype(cfg, q.dtype))
         same = cfg["dqp_bm"] == cfg["past_bm"]
         wb, ws, n_items = past_work if same else _work_table(offs, cfg["dqp_bm"], n_pairs)
         _bwd_dq_past_kernel[(n_items,)](q, k, v, do, lse, delta, dqp, perm, offs, wb, ws, ch_start, ch_end, T, H, NC,
