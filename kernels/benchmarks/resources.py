@@ -8,6 +8,7 @@ first thing to read after a kernel change when no GPU is at hand (`--compile-onl
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -74,6 +75,9 @@ class Compiler:
         from triton.compiler import ASTSource
 
         consts = dict(consts)
+        for param in getattr(fn, "params", ()):  # constexpr defaults the caller left out, as a launch applies them
+            if param.is_constexpr and param.name not in consts and param.default is not inspect.Parameter.empty:
+                consts[param.name] = param.default
         sig = {}
         for a in fn.arg_names:
             t = "constexpr" if a in consts else types.get(a, "*bf16")
