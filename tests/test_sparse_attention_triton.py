@@ -58,7 +58,7 @@ def assert_close(got, want, tol):
 def check_against_oracle(q, k, v, upstream, cu_seqlens=None, config=None, **sizes):
     if DEVICE == "cuda" and config:  # the tiny interpreter tiles are below tl.dot's minimum on GPUs
         config = {key: val for key, val in config.items()
-                  if key in ("dq_atomic", "dkdv_split", "sel_prec", "partial_dtype")}
+                  if key in ("dq_atomic", "dkdv_split", "sel_prec", "partial_dtype", "merge_in_own")}
     got = output_and_grads(sparse_attention_triton, q, k, v, upstream, torch.float32, DEVICE,
                            cu_seqlens=cu_seqlens, config=config, **sizes)
     want = output_and_grads(sparse_attention_dense_mask, q, k, v, upstream, torch.float64,
@@ -83,6 +83,9 @@ def check_against_oracle(q, k, v, upstream, cu_seqlens=None, config=None, **size
         (1, 130, 2, 16, 8, 4, 7, {"dkdv_split": 8, "dq_atomic": True}),  # buckets split across programs
         (2, 96, 1, 16, 16, 3, 8, {"dkdv_split": 16}),
         (2, 100, 2, 16, 8, 3, 9, {"sel_prec": "ieee"}),  # exact fp32 chunk scores
+        # the merge of the past partials by its own kernel at topk 3, inside the own-chunk forward at topk 5
+        (2, 100, 2, 16, 8, 3, 12, {"merge_in_own": False}),
+        (1, 130, 2, 16, 8, 5, 13, {"merge_in_own": True}),
     ],
 )
 def test_matches_dense_mask_oracle(B, T, H, D, chunk_size, topk, seed, config):

@@ -349,6 +349,7 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
         else:
             types.update(dict.fromkeys(["OP", "OWN", "DQP"], f32))
         tag = f"[{i}] " if len(configs) > 1 else ""
+        merge = K1 > 0 and S._merge_in_own(c, K1)
         tiles = {p: {"BM": c.get(f"{p}_bm"), "BN": c.get(f"{p}_bn")} for p in ("past", "fwd", "dkdv", "dqp", "dq")}
         dot = {"DOT_PREC": "ieee" if dtype == "float32" else "tf32", "D": D, "BD": D}
         kernels = [  # (name, kernel, config prefix, constexprs, warps, stages)
@@ -357,7 +358,8 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
                                                  "BG": c["sel_bg"], "SEL_PREC": c["sel_prec"]}, c["sel_warps"], 3),
             ("past_fwd", S._past_fwd_kernel, "past", {**dot, "K1": K1, "EVEN_N": True, **tiles["past"]},
              c["past_warps"], c["past_stages"]),
-            ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "PARTIAL": K1 > 0, **tiles["fwd"]},
+            ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "K1": K1, "PARTIAL": K1 > 0 and not merge,
+                                                  "MERGE": merge, **tiles["fwd"]},
              c["fwd_warps"], c["fwd_stages"]),
             ("merge_fwd", S._merge_fwd_kernel, "merge", {"D": D, "BD": D, "K1": K1, "BM": c["merge_bm"]},
              c["merge_warps"], 1),

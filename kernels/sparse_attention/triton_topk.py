@@ -26,8 +26,11 @@ Pipeline (inputs contiguous [B, T, H, D]; B*H = BH; NC = number of chunks, all d
 4. `_past_fwd_kernel`: per work item (head, chunk, block of gathered queries): dense flash tiles of
    those queries against the chunk's keys -> partial output and log-sum-exp per (query, slot).
 5. `_own_fwd_kernel`: per (query tile, head): causal attention inside each query's own chunk
-   (masked only on the diagonal / chunk-boundary blocks), then an exact log-sum-exp merge with the
-   partials of the query's selected slots. Stores O and the total log-sum-exp (base 2) per row.
+   (masked only on the diagonal / chunk-boundary blocks). With at most two past slots (config
+   `merge_in_own`) it runs after step 4 and ends with an exact log-sum-exp merge with the partials of the
+   query's selected slots; with more it runs first (it needs no selection, so the GPU works on it while
+   the host issues the gating launches) and `_merge_fwd_kernel` merges at the end. Stores O and the total
+   log-sum-exp (base 2) per row.
 
 Backward (exact; recomputes probabilities from the stored log-sum-exp):
 - `_delta_kernel`: delta = rowsum(dO * O).
@@ -74,7 +77,8 @@ __all__ = ["sparse_attention_triton", "chunk_selection_triton", "prepare_selecti
 
 # Launch parameters. *_bm = query rows per tile, *_bn = key rows per tile.
 CONFIG_GPU = {
-    "means_bn": 64, "means_warps": 4,
+    # chunk means: 256 key rows per step, 8 warps (H200, 64K, chunk 2048: 82 -> 48 us; a program walks its chunk)
+    "means_bn": 256, "means_warps": 8,
     # sel_bg: chunks scored per block by one product; sel_prec: its precision, "tf32x3" (tensor cores,
     # fp32 to about 1e-6 relative: 1.5 ms at 64K tokens, chunk 128) or "ieee" (exact fp32 on the FMA
     # units, about 7 ms there)
@@ -88,6 +92,11 @@ CONFIG_GPU = {
     "past_maxnreg": 168,
     # merge of the own-chunk result with the past partials: rows per program
     "merge_bm": 64, "merge_warps": 4,
+    # "auto": with at most two past slots (topk <= 3) the own-chunk forward runs after the past chunks' and
+    # merges their partials in its epilogue (no own-chunk partial through HBM, no merge launch); with more
+    # slots the own-chunk forward runs first and `_merge_fwd_kernel` merges (its epilogue would read too many
+    # partials: 64K chunk 128 topk 8 was 0.5 ms slower so, docs/benchmarks.md, session 14). True / False force.
+    "merge_in_own": "auto",
     "dkdv_bn": 128, "dkdv_bm": 128, "dkdv_warps": 8, "dkdv_stages": 3,
     "dq_bm": 64, "dq_bn": 32, "dq_warps": 4, "dq_stages": 3, "dq_maxnreg": 0,
     # past-chunk dQ: 163 registers, three programs per SM already; a cap of 128 was slower (session 13)
@@ -318,13 +327,15 @@ def _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, k_lo, k_hi, scale2, 
 
 
 @triton.jit
-def _own_fwd_kernel(Q, K, V, O, LSE, T, scale2, TOK_CHUNK, CH_START,
+def _own_fwd_kernel(Q, K, V, O, LSE, T, scale2, TOK_CHUNK, CH_START, OP, LSEP, SEL,
                     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    PARTIAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                    PARTIAL: tl.constexpr, MERGE: tl.constexpr, K1: tl.constexpr, DOT_PREC: tl.constexpr):
     """Causal attention inside each query's own chunk, per (query tile, head). PARTIAL (there are past
     slots to merge): the normalised output goes to O [B*T*H, D] (fp32 or input dtype) and the log-sum-exp to LSE [B*T*H]
-    (`_merge_fwd_kernel` adds the past chunks); else O is the final output, LSE [BH, T]. It needs no
-    selection, so it runs first: the GPU works on it while the host issues the gating launches."""
+    (`_merge_fwd_kernel` adds the past chunks); as it needs no selection, it then runs first, so the GPU works
+    on it while the host issues the gating launches. MERGE: it runs after the past chunks' kernel and merges
+    their partials (OP, LSEP, the K1 slots of SEL) itself, as `_merge_fwd_kernel` does. Else (or with MERGE)
+    O is the final output and LSE [BH, T] the total log-sum-exp (base 2)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -357,7 +368,24 @@ def _own_fwd_kernel(Q, K, V, O, LSE, T, scale2, TOK_CHUNK, CH_START,
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_i[:, None]
     omask = rmask[:, None] & dmask[None, :]
-    if PARTIAL:
+    if MERGE:  # the arithmetic of `_merge_fwd_kernel`, on the own-chunk result still in registers
+        m_o = m_i + tl.log2(l_i)
+        l_o = tl.full([BM], 1.0, dtype=tl.float32)
+        for j in tl.static_range(K1):
+            pidx = tok * K1 + j
+            valid = tl.load(SEL + pidx, mask=rmask, other=-1) >= 0
+            lse_j = tl.load(LSEP + pidx, mask=valid, other=float("-inf"))
+            o_j = tl.load(OP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                          other=0.0).to(tl.float32)
+            m_new = tl.maximum(m_o, lse_j)
+            alpha = tl.exp2(m_o - m_new)
+            beta = tl.exp2(lse_j - m_new)
+            o = o * alpha[:, None] + beta[:, None] * o_j
+            l_o = l_o * alpha + beta
+            m_o = m_new
+        tl.store(O + tok[:, None] * D + offs_d[None, :], (o / l_o[:, None]).to(O.dtype.element_ty), mask=omask)
+        tl.store(LSE + bh.to(tl.int64) * T + rows, m_o + tl.log2(l_o), mask=rmask)
+    elif PARTIAL:
         tl.store(O + tok[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=omask)
         tl.store(LSE + tok, m_i + tl.log2(l_i), mask=rmask)
     else:
@@ -731,6 +759,9 @@ def _check_config(device: torch.device, config, dtype=None) -> dict:
                              f"got {val!r}")
     if cfg["sel_prec"] not in ("tf32x3", "ieee"):
         raise ValueError(f"sparse attention config sel_prec must be 'tf32x3' or 'ieee', got {cfg['sel_prec']!r}")
+    if cfg["merge_in_own"] not in ("auto", True, False):
+        raise ValueError(f"sparse attention config merge_in_own must be 'auto', true or false, "
+                         f"got {cfg['merge_in_own']!r}")
     for key in ("dq_atomic", "dq_in_dkdv"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"sparse attention config {key} must be true or false, got {cfg[key]!r}")
@@ -763,7 +794,7 @@ def _bounds(cu_seqlens, B: int, T: int) -> tuple:
 
 def _select(q, k, NC, tables, K1, cfg):
     """Chunk means + top-K1 selection (K1 >= 1; tables from `_chunk_tables`): sel [B, T, H, K1] int32 global
-    chunk ids and the pairs' bucket keys, flat int32."""
+    chunk ids and the pairs' bucket keys, flat int16 (where B*H*NC < 2**15) or int32."""
     B, T, H, D = q.shape
     ch_start, ch_end, ch_first, tok_chunk = tables
     BD = max(16, triton.next_power_of_2(D))
@@ -771,7 +802,10 @@ def _select(q, k, NC, tables, K1, cfg):
     _chunk_means_kernel[(NC, B * H)](k, means, ch_start, ch_end, T, H, NC, D=D, BD=BD, BN=cfg["means_bn"],
                                      num_warps=cfg["means_warps"])
     sel = torch.empty(B, T, H, K1, device=q.device, dtype=torch.int32)
-    keys = torch.empty(B * T * H * K1, device=q.device, dtype=torch.int32)
+    # int16 sort keys where the buckets (and the empty-slot key B*H*NC) fit: the radix sort then takes two
+    # passes over the keys instead of four
+    key_dtype = torch.int16 if B * H * NC < 2**15 else torch.int32
+    keys = torch.empty(B * T * H * K1, device=q.device, dtype=key_dtype)
     KP = max(2, triton.next_power_of_2(K1))
     _select_kernel[(triton.cdiv(T, cfg["sel_bm"]), B * H)](q, means, tok_chunk, ch_first, sel, keys, T, H, NC, D=D,
                                                            BD=BD, K1=K1, KP=KP, BM=cfg["sel_bm"], BG=cfg["sel_bg"],
@@ -783,21 +817,21 @@ def _invert(keys, n_buckets: int):
     """Sort the (query, slot) pairs by bucket (batch*head, chunk; `keys` from `_select_kernel`, n_buckets for
     an empty slot): perm [B*T*H*K1] int32 (stable, so queries ascend in each bucket), offs [n_buckets + 1] int32."""
     sorted_keys, perm = torch.sort(keys, stable=True)
-    offs = torch.searchsorted(sorted_keys, _arange(n_buckets + 1, keys.device), out_int32=True)
+    offs = torch.searchsorted(sorted_keys, _arange(n_buckets + 1, keys.device, keys.dtype), out_int32=True)
     return perm.to(torch.int32), offs
 
 
 _ARANGE_CACHE: dict = {}
 
 
-def _arange(n: int, device) -> torch.Tensor:
-    """torch.arange(n) as int32 on `device`, kept between calls (one launch less per call)."""
-    key = (n, str(device))
+def _arange(n: int, device, dtype=torch.int32) -> torch.Tensor:
+    """torch.arange(n) as `dtype` on `device`, kept between calls (one launch less per call)."""
+    key = (n, str(device), dtype)
     hit = _ARANGE_CACHE.get(key)
     if hit is None:
         if len(_ARANGE_CACHE) > 16:
             _ARANGE_CACHE.clear()
-        hit = _ARANGE_CACHE[key] = torch.arange(n, device=device, dtype=torch.int32)
+        hit = _ARANGE_CACHE[key] = torch.arange(n, device=device, dtype=dtype)
     return hit
 
 
@@ -875,6 +909,12 @@ def _maxnreg(cap: int) -> dict:
     return {"maxnreg": cap} if cap else {}
 
 
+def _merge_in_own(cfg, K1: int) -> bool:
+    """Whether the own-chunk forward merges the past partials itself (config merge_in_own; "auto": K1 <= 2)."""
+    mode = cfg["merge_in_own"]
+    return K1 <= 2 if mode == "auto" else bool(mode)
+
+
 def _partial_dtype(cfg, dtype):
     return torch.float32 if cfg["partial_dtype"] == "float32" else dtype
 
@@ -894,20 +934,27 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
     o = torch.empty_like(q)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
     partial = K1 > 0
-    if partial:  # own-chunk result (fp32 or the input dtype), merged with the past chunks' partials at the end
+    merge_in_own = partial and _merge_in_own(cfg, K1)
+    dummy = torch.empty(1, device=q.device, dtype=torch.int32)
+
+    def own_chunks(out, out_lse, partial_out, past=(dummy, dummy, dummy)):
+        _own_fwd_kernel[(triton.cdiv(T, cfg["fwd_bm"]), B * H)](q, k, v, out, out_lse, T, scale2, tok_chunk, ch_start,
+                                                                *past, H=H, D=D, BD=BD, BM=cfg["fwd_bm"],
+                                                                BN=cfg["fwd_bn"], PARTIAL=partial_out,
+                                                                MERGE=past[0] is not dummy, K1=K1, DOT_PREC=prec,
+                                                                num_warps=cfg["fwd_warps"],
+                                                                num_stages=cfg["fwd_stages"],
+                                                                **_maxnreg(cfg["fwd_maxnreg"]))
+
+    if partial and not merge_in_own:  # own-chunk result (fp32 or the input dtype), merged at the end
         own_o = torch.empty(B * T * H, D, device=q.device, dtype=_partial_dtype(cfg, q.dtype))
         own_lse = torch.empty(B * T * H, device=q.device, dtype=torch.float32)
-    else:
-        own_o, own_lse = o, lse
-    # First, as it needs no selection: the GPU runs it while the host issues the gating launches below.
-    _own_fwd_kernel[(triton.cdiv(T, cfg["fwd_bm"]), B * H)](q, k, v, own_o, own_lse, T, scale2, tok_chunk, ch_start,
-                                                            H=H, D=D, BD=BD, BM=cfg["fwd_bm"], BN=cfg["fwd_bn"],
-                                                            PARTIAL=partial, DOT_PREC=prec,
-                                                            num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
-                                                            **_maxnreg(cfg["fwd_maxnreg"]))
+        # First, as it needs no selection: the GPU runs it while the host issues the gating launches below.
+        own_chunks(own_o, own_lse, True)
+    elif not partial:
+        own_chunks(o, lse, False)
     tables = (ch_start, ch_end, ch_first, tok_chunk)
     if not partial:
-        dummy = torch.empty(1, device=q.device, dtype=torch.int32)
         return o, lse, dummy, dummy, dummy, NC, tables, (dummy, dummy, 0)
     n_pairs = B * T * H * K1
     if n_pairs >= 2**31:
@@ -922,10 +969,13 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
                                  EVEN_N=(chunk_size % cfg["past_bn"] == 0), DOT_PREC=prec,
                                  num_warps=cfg["past_warps"], num_stages=cfg["past_stages"],
                                  **_maxnreg(cfg["past_maxnreg"]))
-    n_rows = B * T * H
-    _merge_fwd_kernel[(triton.cdiv(n_rows, cfg["merge_bm"]),)](o, lse, own_o, own_lse, op, lsep, sel, n_rows, T, H,
-                                                              K1=K1, D=D, BD=BD, BM=cfg["merge_bm"],
-                                                              num_warps=cfg["merge_warps"])
+    if merge_in_own:
+        own_chunks(o, lse, False, (op, lsep, sel))
+    else:
+        n_rows = B * T * H
+        _merge_fwd_kernel[(triton.cdiv(n_rows, cfg["merge_bm"]),)](o, lse, own_o, own_lse, op, lsep, sel, n_rows, T,
+                                                                  H, K1=K1, D=D, BD=BD, BM=cfg["merge_bm"],
+                                                                  num_warps=cfg["merge_warps"])
     return o, lse, sel, perm, offs, NC, tables, (wb, ws, n_items)
 
 
