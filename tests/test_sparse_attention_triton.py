@@ -436,6 +436,26 @@ def test_gpu_past_chunk_register_cap_leaves_the_output_bitwise_unchanged():
     assert capped.isfinite().all() and capped.abs().max() > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_half_precision_selection_is_the_fp32_paths_bitwise(dtype):
+    """bf16 / fp16 queries are exact in tf32, so the selection kernel leaves out tf32x3's product of their low
+    part: on the same values it must select exactly what the fp32-input path (full tf32x3) selects, ties
+    included (copied key chunks), over four blocks of chunks; and agree with float64 but for near-ties."""
+    B, T, H, D, cs, topk = 2, 8192, 2, 64, 64, 8
+    gen = torch.Generator().manual_seed(83)
+    q = torch.randn(B, T, H, D, generator=gen).to(dtype)
+    k = torch.randn(B, T, H, D, generator=gen).to(dtype)
+    k[:, 40 * cs:41 * cs] = k[:, 3 * cs:4 * cs]  # tied chunk means, in different blocks of 32 chunks
+    k[:, 100 * cs:101 * cs] = k[:, 70 * cs:71 * cs]
+    half = chunk_selection_triton(q.cuda(), k.cuda(), cs, topk).cpu()
+    full = chunk_selection_triton(q.float().cuda(), k.float().cuda(), cs, topk).cpu()
+    assert torch.equal(half, full)
+    exact = chunk_selection(q.double(), k.double(), cs, topk)
+    assert (half == exact).all(-1).float().mean() > 0.999
+
+
 def _gluon_reason():
     from rwkvx_kernels.sparse_attention.gluon_dkdv import unsupported_reason
 

@@ -350,12 +350,14 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
             types.update(dict.fromkeys(["OP", "OWN", "DQP"], f32))
         tag = f"[{i}] " if len(configs) > 1 else ""
         merge = K1 > 0 and S._merge_in_own(c, K1)
+        # as `_select` launches it: bf16 / fp16 queries are exact in tf32 (one product fewer)
+        sel_prec = "tf32x3_exact_q" if c["sel_prec"] == "tf32x3" and dtype != "float32" else c["sel_prec"]
         tiles = {p: {"BM": c.get(f"{p}_bm"), "BN": c.get(f"{p}_bn")} for p in ("past", "fwd", "dkdv", "dqp", "dq")}
         dot = {"DOT_PREC": "ieee" if dtype == "float32" else "tf32", "D": D, "BD": D}
         kernels = [  # (name, kernel, config prefix, constexprs, warps, stages)
             ("means", S._chunk_means_kernel, "means", {"D": D, "BD": D, "BN": c["means_bn"]}, c["means_warps"], 3),
             ("select", S._select_kernel, "sel", {"D": D, "BD": D, "K1": K1, "KP": kp, "BM": c["sel_bm"],
-                                                 "BG": c["sel_bg"], "SEL_PREC": c["sel_prec"]}, c["sel_warps"], 3),
+                                                 "BG": c["sel_bg"], "SEL_PREC": sel_prec}, c["sel_warps"], 3),
             ("past_fwd", S._past_fwd_kernel, "past", {**dot, "K1": K1, "EVEN_N": True, **tiles["past"]},
              c["past_warps"], c["past_stages"]),
             ("own_fwd", S._own_fwd_kernel, "fwd", {**dot, "H": H, "K1": K1, "PARTIAL": K1 > 0 and not merge,
