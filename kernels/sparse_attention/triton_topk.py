@@ -339,6 +339,25 @@ def _own_fwd_inner(acc, l_i, m_i, q, K, V, head, rows, kst, k_lo, k_hi, scale2, 
 
 
 @triton.jit
+def _merge_slots(acc, l_i, m_i, tok, OP, LSEP, SEL, rmask, offs_d, dmask, K1: tl.constexpr, D: tl.constexpr):
+    """Exact log-sum-exp merge of rows (acc: output scaled by l_i, m_i: log-sum-exp base 2) with the partials of
+    their K1 slots (flat rows `tok`; empty slots, -1 in SEL, add nothing): the merged (acc, l_i, m_i)."""
+    for j in tl.static_range(K1):
+        pidx = tok * K1 + j
+        valid = tl.load(SEL + pidx, mask=rmask, other=-1) >= 0
+        lse_j = tl.load(LSEP + pidx, mask=valid, other=float("-inf"))
+        o_j = tl.load(OP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                      other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, lse_j)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(lse_j - m_new)
+        acc = acc * alpha[:, None] + beta[:, None] * o_j
+        l_i = l_i * alpha + beta
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _own_fwd_kernel(Q, K, V, O, LSE, T, scale2, TOK_CHUNK, CH_START, OP, LSEP, SEL,
                     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     PARTIAL: tl.constexpr, MERGE: tl.constexpr, K1: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -380,21 +399,9 @@ def _own_fwd_kernel(Q, K, V, O, LSE, T, scale2, TOK_CHUNK, CH_START, OP, LSEP, S
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_i[:, None]
     omask = rmask[:, None] & dmask[None, :]
-    if MERGE:  # the arithmetic of `_merge_fwd_kernel`, on the own-chunk result still in registers
-        m_o = m_i + tl.log2(l_i)
-        l_o = tl.full([BM], 1.0, dtype=tl.float32)
-        for j in tl.static_range(K1):
-            pidx = tok * K1 + j
-            valid = tl.load(SEL + pidx, mask=rmask, other=-1) >= 0
-            lse_j = tl.load(LSEP + pidx, mask=valid, other=float("-inf"))
-            o_j = tl.load(OP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                          other=0.0).to(tl.float32)
-            m_new = tl.maximum(m_o, lse_j)
-            alpha = tl.exp2(m_o - m_new)
-            beta = tl.exp2(lse_j - m_new)
-            o = o * alpha[:, None] + beta[:, None] * o_j
-            l_o = l_o * alpha + beta
-            m_o = m_new
+    if MERGE:  # as `_merge_fwd_kernel` does, on the own-chunk result still in registers
+        o, l_o, m_o = _merge_slots(o, tl.full([BM], 1.0, dtype=tl.float32), m_i + tl.log2(l_i), tok, OP, LSEP, SEL,
+                                   rmask, offs_d, dmask, K1, D)
         tl.store(O + tok[:, None] * D + offs_d[None, :], (o / l_o[:, None]).to(O.dtype.element_ty), mask=omask)
         tl.store(LSE + bh.to(tl.int64) * T + rows, m_o + tl.log2(l_o), mask=rmask)
     elif PARTIAL:
@@ -416,21 +423,8 @@ def _merge_fwd_kernel(O, LSE, OWN, LSEOWN, OP, LSEP, SEL, n_rows, T, H,
     dmask = offs_d < D
     omask = rmask[:, None] & dmask[None, :]
     acc = tl.load(OWN + tok[:, None] * D + offs_d[None, :], mask=omask, other=0.0).to(tl.float32)
-    m_i = tl.load(LSEOWN + tok, mask=rmask, other=0.0)
-    l_i = tl.full([BM], 1.0, dtype=tl.float32)
-    for j in tl.static_range(K1):
-        pidx = tok * K1 + j
-        sj = tl.load(SEL + pidx, mask=rmask, other=-1)
-        valid = sj >= 0
-        lse_j = tl.load(LSEP + pidx, mask=valid, other=float("-inf"))
-        o_j = tl.load(OP + pidx[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                      other=0.0).to(tl.float32)
-        m_new = tl.maximum(m_i, lse_j)
-        alpha = tl.exp2(m_i - m_new)
-        beta = tl.exp2(lse_j - m_new)
-        acc = acc * alpha[:, None] + beta[:, None] * o_j
-        l_i = l_i * alpha + beta
-        m_i = m_new
+    acc, l_i, m_i = _merge_slots(acc, tl.full([BM], 1.0, dtype=tl.float32), tl.load(LSEOWN + tok, mask=rmask, other=0.0),
+                                 tok, OP, LSEP, SEL, rmask, offs_d, dmask, K1, D)
     o = acc / l_i[:, None]
     tl.store(O + tok[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=omask)
     h = tok % H
