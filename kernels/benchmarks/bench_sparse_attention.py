@@ -350,8 +350,7 @@ def compile_only(configs, topk=3, arch=90, dtype="bfloat16"):
             types.update(dict.fromkeys(["OP", "OWN", "DQP"], f32))
         tag = f"[{i}] " if len(configs) > 1 else ""
         merge = K1 > 0 and S._merge_in_own(c, K1)
-        # as `_select` launches it: bf16 / fp16 queries are exact in tf32 (one product fewer)
-        sel_prec = "tf32x3_exact_q" if c["sel_prec"] == "tf32x3" and dtype != "float32" else c["sel_prec"]
+        sel_prec = S._sel_precision(c, getattr(torch, dtype))  # as `_select` launches it
         tiles = {p: {"BM": c.get(f"{p}_bm"), "BN": c.get(f"{p}_bn")} for p in ("past", "fwd", "dkdv", "dqp", "dq")}
         dot = {"DOT_PREC": "ieee" if dtype == "float32" else "tf32", "D": D, "BD": D}
         kernels = [  # (name, kernel, config prefix, constexprs, warps, stages)

@@ -813,12 +813,9 @@ def _select(q, k, NC, tables, K1, cfg):
     key_dtype = torch.int16 if B * H * NC < 2**15 else torch.int32
     keys = torch.empty(B * T * H * K1, device=q.device, dtype=key_dtype)
     KP = max(2, triton.next_power_of_2(K1))
-    prec = cfg["sel_prec"]
-    if prec == "tf32x3" and q.dtype in (torch.bfloat16, torch.float16) and not _interpreting():
-        prec = "tf32x3_exact_q"  # the same scores with one product fewer (inline PTX: not in the interpreter)
     _select_kernel[(triton.cdiv(T, cfg["sel_bm"]), B * H)](q, means, tok_chunk, ch_first, sel, keys, T, H, NC, D=D,
                                                            BD=BD, K1=K1, KP=KP, BM=cfg["sel_bm"], BG=cfg["sel_bg"],
-                                                           SEL_PREC=prec, num_warps=cfg["sel_warps"],
+                                                           SEL_PREC=_sel_precision(cfg, q.dtype), num_warps=cfg["sel_warps"],
                                                            **_maxnreg(cfg["sel_maxnreg"]))
     return sel, keys
 
@@ -919,6 +916,14 @@ def _maxnreg(cap: int) -> dict:
     return {"maxnreg": cap} if cap else {}
 
 
+def _sel_precision(cfg, dtype) -> str:
+    """The selection kernel's SEL_PREC: config sel_prec, except that tf32x3 for bf16 / fp16 queries (exact in
+    tf32) becomes "tf32x3_exact_q", the same scores with one product fewer (inline PTX: not in the interpreter)."""
+    if cfg["sel_prec"] == "tf32x3" and dtype in (torch.bfloat16, torch.float16) and not _interpreting():
+        return "tf32x3_exact_q"
+    return cfg["sel_prec"]
+
+
 def _merge_in_own(cfg, K1: int) -> bool:
     """Whether the own-chunk forward merges the past partials itself (config merge_in_own; "auto": K1 <= 2)."""
     mode = cfg["merge_in_own"]
@@ -947,11 +952,13 @@ def _forward(q, k, v, chunk_size, topk, bounds, cfg):
     merge_in_own = partial and _merge_in_own(cfg, K1)
     dummy = torch.empty(1, device=q.device, dtype=torch.int32)
 
-    def own_chunks(out, out_lse, partial_out, past=(dummy, dummy, dummy)):
+    def own_chunks(out, out_lse, partial_out, past=None):
+        """The own-chunk forward into out, out_lse; past: (op, lsep, sel) to merge in its epilogue, or None."""
         _own_fwd_kernel[(triton.cdiv(T, cfg["fwd_bm"]), B * H)](q, k, v, out, out_lse, T, scale2, tok_chunk, ch_start,
-                                                                *past, H=H, D=D, BD=BD, BM=cfg["fwd_bm"],
-                                                                BN=cfg["fwd_bn"], PARTIAL=partial_out,
-                                                                MERGE=past[0] is not dummy, K1=K1, DOT_PREC=prec,
+                                                                *(past or (dummy, dummy, dummy)), H=H, D=D, BD=BD,
+                                                                BM=cfg["fwd_bm"], BN=cfg["fwd_bn"],
+                                                                PARTIAL=partial_out, MERGE=past is not None, K1=K1,
+                                                                DOT_PREC=prec,
                                                                 num_warps=cfg["fwd_warps"],
                                                                 num_stages=cfg["fwd_stages"],
                                                                 **_maxnreg(cfg["fwd_maxnreg"]))
